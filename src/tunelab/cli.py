@@ -1,0 +1,48 @@
+"""The entrypoint: `tunelab [stage=<name>] [experiment=<name>] [group=option ...] [key=value ...]`.
+
+A Hydra app (so multirun, sweepers and launchers work); `tunelab --help` lists the groups.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from tunelab.config.schema import register_configs
+
+
+def config_dir() -> Path:
+    """conf/ of the project tunelab runs in: $TUNELAB_CONF, ./conf, or the one beside this package."""
+    candidates = [os.environ.get("TUNELAB_CONF"), Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "config.yaml").is_file():
+            return Path(candidate).resolve()
+    raise SystemExit("tunelab: no conf/config.yaml here; run from the project root or set TUNELAB_CONF")
+
+
+def _task(cfg: DictConfig) -> None:
+    from rich.console import Console
+
+    from tunelab import pipeline
+    from tunelab.config.checks import ConfigError
+    from tunelab.data.formats import DataError
+
+    try:
+        pipeline.run(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        Console(stderr=True).print(f"[bold red]tunelab: {type(err).__name__}[/]: {err}", highlight=False)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_configs()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Cross-field rules, one small function each. `validate` reports every problem at once."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List
+
+from omegaconf import DictConfig
+
+STAGES = ("all", "prepare", "train", "export", "evaluate")
+QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
+               "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_m", "q2_k")
+DATASET_FORMATS = ("csv", "sharegpt")
+MODEL_SOURCES = ("package_gguf", "local", "hub", "tiny")
+BACKENDS = ("hf", "unsloth", "auto")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """All the problems of one config, each naming its key."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _choice(key: str, value, allowed) -> List[str]:
+    if value not in allowed:
+        return [f"{key}={value!r} is not one of {', '.join(map(str, allowed))}"]
+    return []
+
+
+def check_stage(cfg) -> List[str]:
+    return _choice("stage", cfg.stage, STAGES)
+
+
+def check_dataset(cfg) -> List[str]:
+    d = cfg.dataset
+    problems = _choice("dataset.format", d.format, DATASET_FORMATS)
+    if not Path(d.path).is_file():
+        problems.append(f"dataset.path={d.path!r}: no such file (relative to {Path.cwd()})")
+    if d.eval_path is not None and not Path(d.eval_path).is_file():
+        problems.append(f"dataset.eval_path={d.eval_path!r}: no such file")
+    if d.eval_path is None and not 0.0 < d.eval_fraction < 1.0:
+        problems.append(f"dataset.eval_fraction={d.eval_fraction} must be in (0, 1) when there is no eval_path")
+    if d.max_eval_rows is not None and d.max_eval_rows < 1:
+        problems.append(f"dataset.max_eval_rows={d.max_eval_rows} must be >= 1 or null")
+    return problems
+
+
+def check_model(cfg) -> List[str]:
+    m = cfg.model
+    problems = _choice("model.source", m.source, MODEL_SOURCES)
+    needs = {"local": ["path"], "hub": ["hub_id"], "package_gguf": ["package", "gguf_file"]}
+    for key in needs.get(m.source, []):
+        if not m[key]:
+            problems.append(f"model.{key} is required when model.source={m.source}")
+    if m.source == "local" and m.path and not Path(m.path).is_dir():
+        problems.append(f"model.path={m.path!r}: no such folder")
+    return problems
+
+
+def check_lora(cfg) -> List[str]:
+    problems = []
+    if cfg.lora.r < 1:
+        problems.append(f"lora.r={cfg.lora.r} must be >= 1")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        problems.append(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    return problems
+
+
+def check_quantization(cfg) -> List[str]:
+    q = cfg.quantization
+    problems = [p for t in q.types for p in _choice("quantization.types[]", t, QUANT_TYPES)]
+    if not q.types:
+        problems.append("quantization.types is empty: name at least one type, e.g. [f16]")
+    if q.ship not in q.types:
+        problems.append(f"quantization.ship={q.ship!r} is not in quantization.types={list(q.types)}")
+    return problems
+
+
+def check_training(cfg) -> List[str]:
+    t = cfg.training
+    problems = _choice("training.backend", t.backend, BACKENDS)
+    problems += _choice("training.precision", t.precision, PRECISIONS)
+    for key in ("batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
+        if t[key] < 1:
+            problems.append(f"training.{key}={t[key]} must be >= 1")
+    if t.learning_rate <= 0:
+        problems.append(f"training.learning_rate={t.learning_rate} must be > 0")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append("training.epochs must be > 0 unless training.max_steps is set")
+    return problems
+
+
+def check_eval(cfg) -> List[str]:
+    e = cfg.eval
+    problems = []
+    if not e.metrics:
+        problems.append("eval.metrics is empty: name at least one metric")
+    for name, spec in e.metrics.items():
+        if "_target_" not in spec:
+            problems.append(f"eval.metrics.{name} needs a _target_ (a dotted path to a callable)")
+    if e.metrics and e.headline not in e.metrics:
+        problems.append(f"eval.headline={e.headline!r} is not one of eval.metrics: {', '.join(e.metrics)}")
+    if e.max_new_tokens < 1:
+        problems.append(f"eval.max_new_tokens={e.max_new_tokens} must be >= 1")
+    return problems
+
+
+CHECKS: List[Callable[[DictConfig], List[str]]] = [
+    check_stage, check_dataset, check_model, check_lora, check_quantization, check_training, check_eval,
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem found, or return quietly."""
+    problems = [p for check in CHECKS for p in check(cfg)]
+    if problems:
+        raise ConfigError(problems)

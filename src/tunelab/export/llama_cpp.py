@@ -1,0 +1,109 @@
+"""llama.cpp's own converter and quantizer, co-versioned with the installed llama-cpp-python.
+
+The converter (convert_hf_to_gguf.py with its conversion/ and gguf-py/ packages) ships inside the
+llama-cpp-python source archive on PyPI, at vendor/llama.cpp/. It is fetched once into the cache
+(or read from $TUNELAB_LLAMA_CPP_SDIST, for offline machines) and run in a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-llama-bpe.gguf",
+                     "LICENSE")
+QUANT_FTYPES = {
+    "f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+CONVERTER_OUTTYPES = ("f32", "f16", "bf16")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def llama_cpp_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama-cpp-python")
+
+
+def _download_sdist(version: str, into: Path) -> Path:
+    local = os.environ.get("TUNELAB_LLAMA_CPP_SDIST")
+    if local:
+        return Path(local)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={version}", "-d", str(into)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    archives = list(into.glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not archives:
+        raise ExportError(f"could not fetch llama.cpp's converter (llama-cpp-python=={version} source archive):\n"
+                          f"{done.stderr[-2000:]}\nOffline? Set TUNELAB_LLAMA_CPP_SDIST to a local copy of it.")
+    return archives[0]
+
+
+def ensure_converter(cache_root: Path) -> Path:
+    """The path of convert_hf_to_gguf.py for the installed llama-cpp-python version."""
+    version = llama_cpp_version()
+    root = cache_root / version
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
+        archive = _download_sdist(version, Path(tmp))
+        staging = Path(tmp) / "llama.cpp"
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                _, _, inner = member.name.partition("/vendor/llama.cpp/")
+                if inner and inner.startswith(CONVERTER_MEMBERS) and (member.isfile() or member.isdir()):
+                    member.name = inner
+                    tar.extract(member, staging, filter="data")
+        if not (staging / "convert_hf_to_gguf.py").is_file():
+            raise ExportError(f"{archive} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staging, root)
+    return script
+
+
+def convert(hf_dir: Path, out_path: Path, outtype: str, cache_root: Path) -> Path:
+    """HF folder -> GGUF with llama.cpp's converter, in a subprocess; atomic on success."""
+    script = ensure_converter(cache_root)
+    tmp = out_path.with_suffix(".partial")
+    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+    env = {**os.environ, "PYTHONPATH": str(script.parent)}
+    env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py that ships with this converter
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent)
+    if done.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp's converter failed on {hf_dir} (exit {done.returncode}):\n"
+                          f"{done.stderr[-3000:]}")
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def quantize(src: Path, out_path: Path, quant: str, threads: int = 0) -> Path:
+    """GGUF -> GGUF of another type with llama.cpp's quantizer (through llama-cpp-python)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
+    params.nthread = threads
+    tmp = out_path.with_suffix(".partial")
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if status != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp's quantizer failed ({status}) making {quant} from {src}")
+    os.replace(tmp, out_path)
+    return out_path

@@ -1,0 +1,84 @@
+"""Runs the stages in order and owns the tracker: compose -> validate -> identity -> stages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.config.checks import validate
+from tunelab.config.identity import config_hash, dataset_hash
+from tunelab.paths import RunPaths
+from tunelab.stages import evaluate, export, prepare, train
+from tunelab.tracking import Tracker
+
+STAGES = {
+    "prepare": lambda cfg, paths: prepare.run(cfg.dataset, paths),
+    "train": train.run,
+    "export": export.run,
+    "evaluate": evaluate.run,
+}
+console = Console()
+
+
+def dataset_sources(cfg: DictConfig):
+    return [Path(p) for p in (cfg.dataset.path, cfg.dataset.eval_path) if p]
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    paths = RunPaths.from_config(cfg.paths)
+    data_hash = dataset_hash(dataset_sources(cfg))
+    identity = config_hash(cfg, data_hash)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (paths.run_dir / "identity.json").write_text(json.dumps({"config_hash": identity, "dataset_sha256": data_hash}))
+    stages = list(STAGES) if cfg.stage == "all" else [cfg.stage]
+    tags = {"tunelab.config_hash": identity, "tunelab.dataset_sha256": data_hash, "tunelab.stage": cfg.stage,
+            "tunelab.experiment": cfg.name}
+    tracker = Tracker(cfg.tracking)
+    results = {}
+    with tracker.run(cfg, tags, run_name=f"{cfg.name}-{identity[:8]}"):
+        for stage in stages:
+            console.rule(f"[bold]{stage}")
+            results[stage] = STAGES[stage](cfg, paths)
+            tracker.log_stage(stage, results[stage], paths, cfg)
+    results["config_hash"] = identity
+    results["mlflow_run_id"] = tracker.run_id
+    report(cfg, paths, results)
+    return results
+
+
+def report(cfg: DictConfig, paths: RunPaths, results: dict) -> None:
+    console.rule("[bold]done")
+    console.print(f"run directory   {paths.run_dir}")
+    console.print(f"config hash     {results['config_hash']}")
+    if results.get("mlflow_run_id"):
+        console.print(f"MLflow run      {results['mlflow_run_id']}  (mlflow ui --backend-store-uri {cfg.tracking.uri})")
+    if "export" in results:
+        for quant, info in results["export"]["finetuned"].items():
+            console.print(f"GGUF {quant:<10} {info['path']}  ({info['bytes'] / 1e6:.1f} MB)")
+    if "evaluate" in results:
+        console.print(metrics_table(results["evaluate"]))
+
+
+def metrics_table(summary: dict) -> Table:
+    metrics = summary["metrics"]
+    names = list(next(iter(next(iter(metrics.values())).values())))
+    table = Table(title=f"evaluation on {summary['eval_rows']} held-out rows (ship: {summary['ship']})")
+    table.add_column("model")
+    table.add_column("gguf")
+    for name in names:
+        table.add_column(name, justify="right")
+    for variant, per_quant in metrics.items():
+        for quant, scores in per_quant.items():
+            table.add_row(variant, quant, *(_fmt(scores[n]) for n in names))
+    return table
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float) and value <= 1.0:
+        return f"{value:.3f}"
+    return f"{value:,.0f}" if isinstance(value, (int, float)) and value > 1000 else f"{value:.2f}"

@@ -1,0 +1,145 @@
+"""train: LoRA on the prepared conversations, loss on the assistant turns only.
+
+Backends: `hf` (TRL SFTTrainer + PEFT; CPU or GPU). The tokenized dataset carries `labels` with
+-100 everywhere but the assistant content and its end-of-turn token, built by the template
+contract (tunelab.templates.chat), so what is trained is exactly what export writes into the GGUF.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tunelab.data.formats import read_prepared
+from tunelab.models.source import load_model, load_tokenizer, resolve_model
+from tunelab.paths import RunPaths
+from tunelab.templates.chat import TemplateError, template_from_config, tokenize_conversation
+
+
+def build_dataset(conversations, template, tokenizer, max_length: int):
+    from datasets import Dataset
+
+    rows, problems = [], []
+    for number, messages in enumerate(conversations, start=1):
+        try:
+            encoded = tokenize_conversation(template, tokenizer, messages, max_length)
+        except TemplateError as err:
+            problems.append(f"prepared row {number}: {err}")
+            continue
+        labels = [i if m else -100 for i, m in zip(encoded["input_ids"], encoded["assistant_masks"])]
+        rows.append({"input_ids": encoded["input_ids"], "labels": labels})
+    if problems:
+        raise TemplateError("rows the template cannot train on:\n  " + "\n  ".join(problems[:20]))
+    return Dataset.from_list(rows)
+
+
+def _dtype(precision: str):
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _loss_logger(path: Path):
+    from transformers import TrainerCallback
+
+    class LossLogger(TrainerCallback):
+        """Writes every logged training step to loss.jsonl, for the tracker to read afterwards."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                with open(path, "a") as handle:
+                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return LossLogger()
+
+
+def _trainer_class():
+    """TRL's SFTTrainer; on a device without TRL's Triton loss kernel, with the model's own loss.
+
+    TRL 1.15 always computes the SFT loss with a Triton kernel (CUDA/XPU only), so on the CPU its
+    compute_loss fails. The model's own cross-entropy over the same labels is the same loss.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    class TunelabSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            on_kernel_device = next(model.parameters()).device.type in ("cuda", "xpu")
+            if trl_utils._ChunkedLogProbFunction is not None and on_kernel_device:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return TunelabSFTTrainer
+
+
+def _sft_config(training_cfg, out_dir: Path, dtype):
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=training_cfg.batch_size,
+        gradient_accumulation_steps=training_cfg.gradient_accumulation_steps,
+        num_train_epochs=training_cfg.epochs,
+        max_steps=training_cfg.max_steps,
+        learning_rate=training_cfg.learning_rate,
+        lr_scheduler_type=training_cfg.lr_scheduler,
+        warmup_steps=training_cfg.warmup_ratio,
+        weight_decay=training_cfg.weight_decay,
+        logging_steps=training_cfg.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=training_cfg.seed,
+        data_seed=training_cfg.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        max_length=None,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def run(cfg, paths: RunPaths) -> dict:
+    """Train a LoRA adapter; write it, its tokenizer and loss.jsonl under paths.train_dir."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    base_dir = resolve_model(cfg.model, paths)
+    tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
+    template = template_from_config(cfg.template, tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = template.end_of_turn  # padding carries no loss: labels are -100 there
+    dataset = build_dataset(read_prepared(paths.train_jsonl), template, tokenizer, cfg.training.max_seq_length)
+
+    dtype = _dtype(cfg.training.precision)
+    model = load_model(base_dir, dtype, cfg.model.trust_remote_code)
+    target = cfg.lora.target_modules
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+
+    paths.train_dir.mkdir(parents=True, exist_ok=True)
+    paths.loss_log.unlink(missing_ok=True)
+    trainer = _trainer_class()(model=model, args=_sft_config(cfg.training, paths.train_dir, dtype),
+                         train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[_loss_logger(paths.loss_log)])
+    result = trainer.train()
+    model.save_pretrained(paths.adapter_dir)
+    summary = {
+        "base_model_dir": str(base_dir),
+        "end_of_turn": template.end_of_turn,
+        "train_rows": len(dataset),
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    (paths.train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

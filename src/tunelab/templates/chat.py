@@ -1,0 +1,110 @@
+"""The template contract: one chat template gives the training text, the loss mask, the GGUF's
+template and end-of-turn token, and the evaluation prompts.
+
+Templates (also those read from a model or a GGUF) render in Jinja's immutable sandbox.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+Message = Dict[str, str]
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def _raise(message: str):
+    raise jinja2.TemplateError(message)
+
+
+def sandbox() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    return env
+
+
+@dataclass
+class ChatTemplate:
+    source: str
+    end_of_turn: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def __post_init__(self):
+        self._compiled = sandbox().from_string(self.source)
+
+    def render(self, messages: List[Message], add_generation_prompt: bool = False) -> str:
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def assistant_spans(self, messages: List[Message]) -> Tuple[str, List[Tuple[int, int]]]:
+        """The full text and the character spans that carry loss: each assistant turn's content
+        through its end-of-turn token (so the model learns to stop)."""
+        full = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            if not full.startswith(prefix):
+                raise TemplateError(
+                    f"the template is not prefix-stable: the prompt for turn {i} is not a prefix of the "
+                    f"whole conversation.\nprompt: {prefix[-200:]!r}\nwhole:  {full[:len(prefix)][-200:]!r}")
+            end = full.find(self.end_of_turn, len(prefix) + len(message["content"]))
+            if end < 0:
+                raise TemplateError(f"the end-of-turn token {self.end_of_turn!r} does not follow assistant "
+                                    f"turn {i}: the model could never learn to stop")
+            spans.append((len(prefix), end + len(self.end_of_turn)))
+        return full, spans
+
+
+def template_from_config(template_cfg, tokenizer) -> ChatTemplate:
+    source = template_cfg.chat_template or getattr(tokenizer, "chat_template", None)
+    if not source:
+        raise TemplateError(f"template={template_cfg.name}: the model has no chat template of its own; "
+                            "choose one with template=chatml (or llama3, ...)")
+    probe = ChatTemplate(source, "", tokenizer.bos_token or "", tokenizer.eos_token or "")
+    end_of_turn = template_cfg.end_of_turn or infer_end_of_turn(probe, tokenizer)
+    ids = tokenizer.convert_tokens_to_ids([end_of_turn])
+    if not end_of_turn or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise TemplateError(f"template.end_of_turn={end_of_turn!r} is not a token of the model's tokenizer")
+    return ChatTemplate(source, end_of_turn, tokenizer.bos_token or "", tokenizer.eos_token or "")
+
+
+def infer_end_of_turn(template: ChatTemplate, tokenizer) -> str:
+    """The first special token the template writes after an assistant's content.
+
+    The tokenizer's eos_token is not trusted: SmolLM2's, read from its GGUF, says <|im_start|>,
+    while its template ends turns with <|im_end|>. Training on the wrong one never stops.
+    """
+    marker = "tunelab-probe-answer"
+    text = template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}])
+    tail = text[text.index(marker) + len(marker):]
+    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
+    for i in range(len(tail)):
+        for token in specials:
+            if token and tail.startswith(token, i):
+                return token
+    if tokenizer.eos_token:
+        return tokenizer.eos_token
+    raise TemplateError("the template writes no special token after an assistant turn: set template.end_of_turn")
+
+
+def tokenize_conversation(template: ChatTemplate, tokenizer, messages: List[Message],
+                          max_length: Optional[int] = None) -> Dict[str, List[int]]:
+    """input_ids plus assistant_masks (1 where a token starts inside an assistant span)."""
+    text, spans = template.assistant_spans(messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(start <= s < end for start, end in spans)) for s, _ in encoded["offset_mapping"]]
+    ids = list(encoded["input_ids"])
+    if max_length is not None and len(ids) > max_length:
+        raise TemplateError(f"{len(ids)} tokens exceed training.max_seq_length={max_length}")
+    return {"input_ids": ids, "assistant_masks": mask}
