@@ -62,23 +62,41 @@ def report(cfg: DictConfig, paths: RunPaths, results: dict) -> None:
             console.print(f"GGUF {quant:<10} {info['path']}  ({info['bytes'] / 1e6:.1f} MB)")
     if "evaluate" in results:
         console.print(metrics_table(results["evaluate"]))
+        console.print(verdict_lines(results["evaluate"]))
+
+
+def verdict_lines(summary: dict) -> str:
+    verdict, headline = summary["verdict"], summary["headline"]
+    lines = []
+    for quant in verdict["broken"]:
+        lines.append(f"[bold red]{quant} broke the model[/]: its {headline} is below {verdict['floor']:.3f} "
+                     f"({verdict['reference']} minus quantization.max_drop)")
+    if verdict["ship"] is None:
+        lines.append("[bold red]no exported file holds up: do not ship this run[/]")
+    else:
+        note = "" if verdict["ship"] == summary["ship"] else f" instead of {summary['ship']}"
+        scores = summary["metrics"]["finetuned"][verdict["ship"]]
+        base = summary["metrics"].get("base", {}).get(verdict["ship"], {}).get(headline)
+        versus = f" (base model: {base:.3f})" if base is not None else ""
+        lines.append(f"[bold]ship {verdict['ship']}{note}[/]: {headline} {scores[headline]:.3f}{versus}")
+    return "\n".join(lines)
 
 
 def metrics_table(summary: dict) -> Table:
+    """One row per metric, one column per (model, GGUF type): fits a terminal."""
     metrics = summary["metrics"]
-    names = list(next(iter(next(iter(metrics.values())).values())))
+    columns = [(variant, quant) for variant, per_quant in metrics.items() for quant in per_quant]
     table = Table(title=f"evaluation on {summary['eval_rows']} held-out rows (ship: {summary['ship']})")
-    table.add_column("model")
-    table.add_column("gguf")
-    for name in names:
-        table.add_column(name, justify="right")
-    for variant, per_quant in metrics.items():
-        for quant, scores in per_quant.items():
-            table.add_row(variant, quant, *(_fmt(scores[n]) for n in names))
+    table.add_column("metric")
+    for variant, quant in columns:
+        table.add_column(f"{variant}\n{quant}", justify="right")
+    for name in metrics[columns[0][0]][columns[0][1]]:
+        style = "bold" if name == summary["headline"] else None
+        table.add_row(name, *(_fmt(metrics[v][q][name]) for v, q in columns), style=style)
     return table
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float) and value <= 1.0:
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
         return f"{value:.3f}"
-    return f"{value:,.0f}" if isinstance(value, (int, float)) and value > 1000 else f"{value:.2f}"
+    return f"{value / 1e6:,.1f} MB" if value >= 1e5 else f"{value:.2f}"

@@ -100,6 +100,8 @@ class Tracker:
                 for variant, per_quant in result["metrics"].items()
                 for quant, scores in per_quant.items() for name, value in scores.items()}
         mlflow.log_metrics(flat)
+        verdict = result["verdict"]
+        mlflow.set_tags({"tunelab.ship": str(verdict["ship"]), "tunelab.broken_quantizations": ",".join(verdict["broken"])})
         rows = [json.loads(line) for line in paths.generations_jsonl.read_text().splitlines()]
         per_file, keep = Counter(), []
         for row in rows:

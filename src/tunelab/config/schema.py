@@ -86,6 +86,9 @@ class QuantizationConfig:
     types: List[str] = field(default_factory=lambda: ["f16", "q5_k_m"])
     # The file a user would ship; evaluation headlines report it.
     ship: str = "q5_k_m"
+    # A quantized file whose headline metric falls more than this below the reference (f16/bf16/f32)
+    # is flagged as broken in the report, and the summary names the file to ship instead.
+    max_drop: float = 0.05
 
 
 @dataclass

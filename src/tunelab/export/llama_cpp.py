@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-llama-bpe.gguf",
@@ -93,17 +94,40 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, cache_root: Path) -> Pat
     return out_path
 
 
+@contextmanager
+def native_output_to(log_path: Path):
+    """Send what C code prints (llama.cpp's per-tensor log) to a file instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def quantize(src: Path, out_path: Path, quant: str, threads: int = 0) -> Path:
-    """GGUF -> GGUF of another type with llama.cpp's quantizer (through llama-cpp-python)."""
+    """GGUF -> GGUF of another type with llama.cpp's quantizer (through llama-cpp-python).
+
+    llama.cpp's log of the quantization (which tensors fell back to other types) goes to
+    <out>.log beside the file."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = threads
     tmp = out_path.with_suffix(".partial")
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    log = out_path.with_suffix(".log")
+    with native_output_to(log):
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if status != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"llama.cpp's quantizer failed ({status}) making {quant} from {src}")
+        raise ExportError(f"llama.cpp's quantizer failed ({status}) making {quant} from {src}; see {log}")
     os.replace(tmp, out_path)
     return out_path
