@@ -1,6 +1,7 @@
 """The entrypoint: `tunelab [stage=<name>] [experiment=<name>] [group=option ...] [key=value ...]`.
 
 A Hydra app (so multirun, sweepers and launchers work); `tunelab --help` lists the groups.
+Plain subcommands (`tunelab <name> ...`) live in tunelab.commands.<name>, each with main(argv).
 """
 from __future__ import annotations
 
@@ -37,7 +38,16 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# name -> module under tunelab.commands with a main(argv: list[str]) -> int
+SUBCOMMANDS: dict = {}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        module = importlib.import_module(f"tunelab.commands.{SUBCOMMANDS[sys.argv[1]]}")
+        sys.exit(module.main(sys.argv[2:]))
     register_configs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)
