@@ -80,6 +80,9 @@ class Tracker:
         if metrics:
             mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=metrics)
             mlflow.log_figure(_loss_figure(steps), "plots/train_loss.png")
+        mlflow.set_tags({f"tunelab.{key}": str(result[key]) for key in
+                         ("backend", "backend_reason", "gradient_checkpointing", "gradient_checkpointing_reason")
+                         if key in result})
         mlflow.log_metrics({"train.final_loss": result["train_loss"], "train.steps": result["steps"],
                             "train.runtime_s": result["train_runtime_s"] or 0.0})
         mlflow.log_artifacts(str(paths.adapter_dir), "adapter")

@@ -13,6 +13,7 @@ DATASET_FORMATS = ("csv", "sharegpt")
 MODEL_SOURCES = ("package_gguf", "local", "hub", "tiny")
 BACKENDS = ("hf", "unsloth", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINTING = ("auto", "on", "off", "unsloth")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,7 @@ def check_training(cfg) -> List[str]:
     t = cfg.training
     problems = _choice("training.backend", t.backend, BACKENDS)
     problems += _choice("training.precision", t.precision, PRECISIONS)
+    problems += _choice("training.gradient_checkpointing", t.gradient_checkpointing, CHECKPOINTING)
     for key in ("batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
         if t[key] < 1:
             problems.append(f"training.{key}={t[key]} must be >= 1")

@@ -66,6 +66,9 @@ class LoraConfig:
     dropout: float = 0.0
     # "all-linear" or a list of module names, e.g. [q_proj, v_proj]
     target_modules: Any = "all-linear"
+    # QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only). Export still merges the
+    # adapter into the 16-bit base checkpoint.
+    load_in_4bit: bool = False
 
 
 @dataclass
@@ -93,8 +96,8 @@ class QuantizationConfig:
 
 @dataclass
 class TrainingConfig:
-    # hf: TRL + PEFT (CPU or GPU); unsloth: Unsloth on a CUDA GPU
-    backend: str = "hf"
+    # auto: Unsloth on a CUDA GPU when it imports, else hf; hf: TRL + PEFT; unsloth: Unsloth (CUDA)
+    backend: str = "auto"
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 8
@@ -104,7 +107,10 @@ class TrainingConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_seq_length: int = 256
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
+    # auto: off when weights + activations fit in GPU memory (recompute costs ~1/3 more FLOPs);
+    # on; off; unsloth (Unsloth's offloaded checkpointing)
+    gradient_checkpointing: str = "auto"
     logging_steps: int = 5
     seed: int = 42
     threads: Optional[int] = None

@@ -1,6 +1,7 @@
 """train: LoRA on the prepared conversations, loss on the assistant turns only.
 
-Backends: `hf` (TRL SFTTrainer + PEFT; CPU or GPU). The tokenized dataset carries `labels` with
+Backends (tunelab.training.backends): `hf` (PEFT) and `unsloth`, both trained by TRL's SFTTrainer;
+`auto` picks Unsloth on a CUDA GPU. The tokenized dataset carries `labels` with
 -100 everywhere but the assistant content and its end-of-turn token, built by the template
 contract (tunelab.templates.chat), so what is trained is exactly what export writes into the GGUF.
 """
@@ -11,9 +12,10 @@ import os
 from pathlib import Path
 
 from tunelab.data.formats import read_prepared
-from tunelab.models.source import load_model, load_tokenizer, resolve_model
+from tunelab.models.source import load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
 from tunelab.templates.chat import TemplateError, template_from_config, tokenize_conversation
+from tunelab.training.backends import load_for_training, plan_training
 
 
 def build_dataset(conversations, template, tokenizer, max_length: int):
@@ -31,14 +33,6 @@ def build_dataset(conversations, template, tokenizer, max_length: int):
     if problems:
         raise TemplateError("rows the template cannot train on:\n  " + "\n  ".join(problems[:20]))
     return Dataset.from_list(rows)
-
-
-def _dtype(precision: str):
-    import torch
-
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _loss_logger(path: Path):
@@ -75,10 +69,11 @@ def _trainer_class():
     return TunelabSFTTrainer
 
 
-def _sft_config(training_cfg, out_dir: Path, dtype):
+def _sft_config(training_cfg, out_dir: Path, plan):
     import torch
     from trl import SFTConfig
 
+    dtype = plan.dtype
     return SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=training_cfg.batch_size,
@@ -101,35 +96,36 @@ def _sft_config(training_cfg, out_dir: Path, dtype):
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         disable_tqdm=False,
+        # Unsloth applies its own checkpointing inside the model; the Trainer's is for hf only.
+        gradient_checkpointing=plan.backend == "hf" and plan.gradient_checkpointing != "off",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+
+
+def make_trainer(cfg, model, tokenizer, dataset, out_dir: Path, plan, callbacks=()):
+    """TRL's SFTTrainer for an already tokenized dataset (input_ids + labels)."""
+    return _trainer_class()(model=model, args=_sft_config(cfg.training, out_dir, plan),
+                            train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
 
 
 def run(cfg, paths: RunPaths) -> dict:
     """Train a LoRA adapter; write it, its tokenizer and loss.jsonl under paths.train_dir."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     base_dir = resolve_model(cfg.model, paths)
+    plan = plan_training(cfg, base_dir)  # imports Unsloth first when it is the backend
     tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
     template = template_from_config(cfg.template, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = template.end_of_turn  # padding carries no loss: labels are -100 there
     dataset = build_dataset(read_prepared(paths.train_jsonl), template, tokenizer, cfg.training.max_seq_length)
-
-    dtype = _dtype(cfg.training.precision)
-    model = load_model(base_dir, dtype, cfg.model.trust_remote_code)
-    target = cfg.lora.target_modules
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model, plan = load_for_training(cfg, base_dir, plan)
 
     paths.train_dir.mkdir(parents=True, exist_ok=True)
     paths.loss_log.unlink(missing_ok=True)
-    trainer = _trainer_class()(model=model, args=_sft_config(cfg.training, paths.train_dir, dtype),
-                         train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[_loss_logger(paths.loss_log)])
+    trainer = make_trainer(cfg, model, tokenizer, dataset, paths.train_dir, plan, [_loss_logger(paths.loss_log)])
     result = trainer.train()
     model.save_pretrained(paths.adapter_dir)
     summary = {
@@ -140,6 +136,7 @@ def run(cfg, paths: RunPaths) -> dict:
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **plan.as_dict(),
     }
     (paths.train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

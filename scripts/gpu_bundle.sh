@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Build the packages a bare, offline CUDA box lacks for tunelab's GPU path, trimmed to travel light.
+#
+#   scripts/gpu_bundle.sh [--with-export]     # -> .gpu/site (add it to PYTHONPATH on the GPU box)
+#
+# Assumes the GPU box already has Python 3.12 with CUDA torch, transformers, accelerate, safetensors,
+# tokenizers, numpy, pyarrow and pandas (as the reference H100 image does). Wheels for the rest come
+# from PyPI here (this machine has the registry), are installed with --target for cp312 manylinux,
+# and trimmed: Unsloth's web app (studio/), bitsandbytes' libraries for other CUDA versions, caches.
+# --with-export adds what export and evaluate need: llama-cpp-python's Python package with the
+# libllama built here (portable, GGML_NATIVE=OFF; the Python side is ctypes, not tied to CPython 3.11)
+# and llama.cpp's converter from the tunelab cache. Prints the size: the upload limit is 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=.gpu
+CUDA_LIB=${CUDA_LIB:-cuda130}
+PACKAGES=(
+  unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 peft==0.21.2 datasets==4.8.5
+  bitsandbytes==0.50.2 torchao==0.17.0 cut-cross-entropy==25.1.1 tyro msgspec dill==0.4.1
+  multiprocess==0.70.19 docstring-parser typeguard shtab
+  hydra-core==1.3.8 omegaconf==2.3.1 pytest iniconfig pluggy
+)
+PLATFORM=(--python-version 3.12 --implementation cp --only-binary=:all:)
+for tag in manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+           manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do
+  PLATFORM+=(--platform "$tag")
+done
+PY=${PYTHON:-.venv/bin/python}
+
+rm -rf "$OUT/site" && mkdir -p "$OUT/wheels" "$OUT/site"
+"$PY" -m pip download --quiet --no-deps "${PLATFORM[@]}" -d "$OUT/wheels" "${PACKAGES[@]}"
+"$PY" -m pip install --quiet --no-deps --no-compile "${PLATFORM[@]}" --target "$OUT/site" "$OUT"/wheels/*.whl
+
+# antlr4-python3-runtime 4.9.3 (what omegaconf needs) is published as source only: it is pure
+# Python, so take the copy installed here.
+copy_installed() {
+  local pkg=$1 dist=$2 site
+  site=$("$PY" -c "import $pkg, os; print(os.path.dirname(os.path.dirname($pkg.__file__)))")
+  cp -a "$site/$pkg" "$OUT/site/"
+  cp -a "$site"/$dist-*.dist-info "$OUT/site/"
+}
+copy_installed antlr4 antlr4_python3_runtime
+
+# Trim what LoRA training never loads.
+rm -rf "$OUT/site/studio" "$OUT/site/unsloth_cli" "$OUT/site/test" "$OUT/site/bin"
+find "$OUT/site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name "libbitsandbytes_${CUDA_LIB}.so" -delete
+rm -rf "$OUT/site/unsloth_zoo/mlx"                   # Apple silicon only
+rm -f "$OUT"/site/torchao/_C_*.so                    # optional fp8/mx kernels; LoRA never loads them
+find "$OUT/site" -name '__pycache__' -type d -prune -exec rm -rf {} +
+find "$OUT/site" -path '*/tests/*' -name '*.py' -path '*torchao*' -delete
+
+if [[ "${1:-}" == "--with-export" ]]; then
+  copy_installed llama_cpp llama_cpp_python
+  # pip installed each shared library three times (.so, .so.0, .so.0.x.y): keep one, link the others.
+  for lib in "$OUT"/site/llama_cpp/lib/*.so; do
+    for alias in "$lib".*; do [[ -f "$alias" && ! -L "$alias" ]] && ln -sf "$(basename "$lib")" "$alias"; done
+  done
+  "$PY" -c "from pathlib import Path; from tunelab.export.llama_cpp import ensure_converter; ensure_converter(Path('.cache/tunelab/llama.cpp'))"
+  rm -rf "$OUT/llama.cpp" && cp -a .cache/tunelab/llama.cpp "$OUT/llama.cpp"
+  rm -f "$OUT"/llama.cpp/*/models/*.gguf
+fi
+du -sh "$OUT/site" "$OUT/llama.cpp" 2>/dev/null || true
+du -sh --exclude=wheels "$OUT"
