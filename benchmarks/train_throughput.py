@@ -1,0 +1,271 @@
+"""LoRA training throughput on one GPU: tunelab's train stage vs minimal baselines, one table.
+
+    python benchmarks/train_throughput.py --shape 1b                 # 4 contenders, 16-bit LoRA
+    python benchmarks/train_throughput.py --shape 8b --qlora          # 4-bit QLoRA
+    python benchmarks/train_throughput.py --shape 1b --max-seq        # also the largest sequence each fits
+
+Contenders, each in its own process (Unsloth patches transformers globally on import):
+  tunelab-unsloth / tunelab-hf: tunelab's train stage code (plan_training, load_for_training,
+      make_trainer: TRL's SFTTrainer) with training.backend=unsloth / hf;
+  unsloth / hf: a minimal plain loop with Unsloth alone / transformers + PEFT alone.
+All train LoRA r=16 on the 7 linear layers of a random-init Llama of the named shape, on the same
+seeded random token batches. Columns: tokens/s (median step after warm-up), peak GPU memory,
+LoRA-MFU = (4N + 6 x LoRA params + attention) FLOPs per token x tokens/s / 790 TFLOP/s, and ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEAK_FLOPS = 790e12  # bf16 dense matmul measured on the H100 (platform notes)
+SHAPES = {  # Llama 3 vocabulary size; 1B ties embeddings like Llama-3.2-1B
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONTENDERS = ["tunelab-unsloth", "tunelab-hf", "unsloth", "hf"]
+TOKENIZER = Path(__file__).resolve().parents[1] / ".gpu" / "tokenizer"
+
+
+def flops_per_token(shape: dict, seq: int, lora_params: int) -> float:
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv_dim = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    matmul_params = layers * (2 * h * h + 2 * h * kv_dim + 3 * h * i) + shape["vocab_size"] * h
+    attention = 6 * seq * h * layers  # causal QK^T and AV: forward 2*s*h per layer, backward twice that
+    return 4 * matmul_params + 6 * lora_params + attention
+
+
+def model_folder(shape_name: str, root: Path) -> Path:
+    """A random-init checkpoint of the shape (bf16 safetensors + a real tokenizer), built once."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = root / f"llama-{shape_name}"
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape_name], max_position_embeddings=131072, rope_theta=500000.0,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def token_batches(n: int, batch: int, seq: int, vocab: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    return [torch.randint(3, vocab, (batch, seq), generator=gen) for _ in range(n)]
+
+
+def lora_param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def time_loop(model, batches, warmup: int):
+    """Minimal plain loop: forward with labels, backward, AdamW step."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    times = []
+    for ids in batches:
+        ids = ids.cuda(non_blocking=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
+def run_raw_hf(folder: Path, args):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": 0}}
+    if args.qlora:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if args.gc != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEAR,
+                                             task_type="CAUSAL_LM"))
+    return model, None
+
+
+def run_raw_unsloth(folder: Path, args):
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=args.seq,
+                                                 dtype=torch.bfloat16, load_in_4bit=args.qlora,
+                                                 local_files_only=True)
+    gc = {"off": False, "on": True, "unsloth": "unsloth"}[args.gc if args.gc != "auto" else "unsloth"]
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEAR,
+                                             bias="none", use_gradient_checkpointing=gc, random_state=0)
+    return model, None
+
+
+def tunelab_cfg(backend: str, args):
+    from omegaconf import OmegaConf
+
+    from tunelab.config.schema import LoraConfig, TrainingConfig
+
+    training = TrainingConfig(backend=backend, batch_size=args.batch, max_seq_length=args.seq,
+                              max_steps=args.warmup + args.steps, precision="bf16",
+                              gradient_checkpointing=args.gc, logging_steps=1000, learning_rate=2e-4)
+    lora = LoraConfig(r=16, alpha=32, target_modules="all-linear", load_in_4bit=args.qlora)
+    return OmegaConf.create({"training": OmegaConf.structured(training), "lora": OmegaConf.structured(lora),
+                             "model": {"trust_remote_code": False}})
+
+
+def run_tunelab(backend: str, folder: Path, args, batches):
+    """tunelab's own train-stage path: plan -> backend loader -> SFTTrainer, timed per step."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from tunelab.stages.train import make_trainer
+    from tunelab.training.backends import load_for_training, plan_training
+
+    cfg = tunelab_cfg(backend, args)
+    plan = plan_training(cfg, folder)
+    model, plan = load_for_training(cfg, folder, plan)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for ids in batches for row in ids]
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(rows), Path(out), plan, [StepTimer()])
+        trainer.args.dataloader_drop_last = True
+        trainer.train()
+    return model, times[args.warmup:], plan.as_dict()
+
+
+def worker(args) -> dict:
+    import torch
+
+    folder = model_folder(args.shape, Path(args.model_root))
+    batches = token_batches(args.warmup + args.steps, args.batch, args.seq, SHAPES[args.shape]["vocab_size"])
+    torch.cuda.reset_peak_memory_stats()
+    plan = {}
+    if args.worker.startswith("tunelab-"):
+        model, times, plan = run_tunelab(args.worker.split("-", 1)[1], folder, args, batches)
+    else:
+        model, _ = (run_raw_unsloth if args.worker == "unsloth" else run_raw_hf)(folder, args)
+        times = time_loop(model, batches, args.warmup)
+    step = statistics.median(times)
+    tokens_per_s = args.batch * args.seq / step
+    lora = lora_param_count(model)
+    flops = flops_per_token(SHAPES[args.shape], args.seq, lora)
+    return {"contender": args.worker, "tokens_per_s": tokens_per_s, "step_s": step,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "mfu": flops * tokens_per_s / PEAK_FLOPS,
+            "gflop_per_token": flops / 1e9, "lora_params": lora, "plan": plan}
+
+
+def spawn(contender: str, args, seq: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", contender, "--shape", args.shape, "--batch", str(args.batch),
+           "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--gc", args.gc,
+           "--model-root", args.model_root] + (["--qlora"] if args.qlora else [])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout)[-1500:]
+        oom = "out of memory" in tail.lower() or "OutOfMemory" in tail
+        return {"contender": contender, "error": "OOM" if oom else tail}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def largest_seq(contender: str, args) -> int:
+    """Largest power-of-two sequence (batch 1) that trains without running out of memory."""
+    fitted, seq = 0, args.seq
+    while seq <= args.max_seq_limit:
+        probe = argparse.Namespace(**{**vars(args), "batch": 1, "steps": 1, "warmup": 1})
+        if "error" in spawn(contender, probe, seq):
+            break
+        fitted, seq = seq, seq * 2
+    return fitted
+
+
+def table(results, args) -> str:
+    ok = {r["contender"]: r for r in results if "error" not in r}
+    hf, unsloth = ok.get("hf"), ok.get("unsloth")
+    head = (f"shape {args.shape}{' QLoRA 4-bit' if args.qlora else ' LoRA 16-bit'}, batch {args.batch} x {args.seq} "
+            f"tokens, gradient checkpointing {args.gc}, median of {args.steps} steps after {args.warmup} warm-up")
+    rows = [head, "", "| contender | tokens/s | peak GiB | LoRA-MFU | vs hf tokens/s | vs hf memory | vs unsloth tokens/s |"
+            + (" max seq |" if args.max_seq else ""), "|---|---|---|---|---|---|---|" + ("---|" if args.max_seq else "")]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['contender']} | failed: {r['error'][:60]} | | | | | |")
+            continue
+        ratio = lambda a, b, key: f"{r[key] / b[key]:.2f}x" if b else "n/a"  # noqa: E731
+        rows.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['mfu']:.1%} | "
+                    f"{ratio(r, hf, 'tokens_per_s')} | {ratio(r, hf, 'peak_gib')} | {ratio(r, unsloth, 'tokens_per_s')} |"
+                    + (f" {r.get('max_seq', 0)} |" if args.max_seq else ""))
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gc", choices=["auto", "on", "off", "unsloth"], default="auto")
+    parser.add_argument("--qlora", action="store_true")
+    parser.add_argument("--max-seq", action="store_true", help="also search the largest sequence each fits")
+    parser.add_argument("--max-seq-limit", type=int, default=65536)
+    parser.add_argument("--model-root", default=os.environ.get("TUNELAB_BENCH_MODELS", "/tmp/tunelab-bench"))
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    results = []
+    for contender in args.contenders.split(","):
+        result = spawn(contender, args, args.seq)
+        if args.max_seq and "error" not in result:
+            result["max_seq"] = largest_seq(contender, args)
+        results.append(result)
+        print(json.dumps(result), file=sys.stderr, flush=True)
+    print(table(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

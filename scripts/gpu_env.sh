@@ -1,0 +1,10 @@
+# Source on the GPU box (from the repo root) after scripts/gpu_bundle.sh's .gpu/ has been copied there:
+#   . scripts/gpu_env.sh
+# Everything offline: the bundle on PYTHONPATH, llama.cpp's converter in tunelab's cache.
+export PYTHONPATH="$PWD/.gpu/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled
+export TUNELAB_CACHE=${TUNELAB_CACHE:-/tmp/tunelab-cache}
+export TUNELAB_GPU_TOKENIZER="$PWD/.gpu/tokenizer"
+mkdir -p "$TUNELAB_CACHE"
+[ -d "$TUNELAB_CACHE/llama.cpp" ] || cp -a .gpu/llama.cpp "$TUNELAB_CACHE/llama.cpp"
