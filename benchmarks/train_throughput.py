@@ -95,6 +95,14 @@ def time_loop(model, batches, warmup: int):
     return times[warmup:]
 
 
+def raw_checkpointing(contender: str, gc: str) -> str:
+    """What the minimal scripts do with --gc auto: what their users do by default (HF: on,
+    Unsloth: its offloaded 'unsloth' mode)."""
+    if gc != "auto":
+        return gc
+    return "unsloth" if contender == "unsloth" else "on"
+
+
 def run_raw_hf(folder: Path, args):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -106,7 +114,7 @@ def run_raw_hf(folder: Path, args):
                                                            bnb_4bit_use_double_quant=True,
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    if args.gc != "off":
+    if raw_checkpointing("hf", args.gc) != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEAR,
@@ -121,7 +129,7 @@ def run_raw_unsloth(folder: Path, args):
     model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=args.seq,
                                                  dtype=torch.bfloat16, load_in_4bit=args.qlora,
                                                  local_files_only=True)
-    gc = {"off": False, "on": True, "unsloth": "unsloth"}[args.gc if args.gc != "auto" else "unsloth"]
+    gc = {"off": False, "on": True, "unsloth": "unsloth"}[raw_checkpointing("unsloth", args.gc)]
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEAR,
                                              bias="none", use_gradient_checkpointing=gc, random_state=0)
     return model, None
@@ -184,13 +192,14 @@ def worker(args) -> dict:
     else:
         model, _ = (run_raw_unsloth if args.worker == "unsloth" else run_raw_hf)(folder, args)
         times = time_loop(model, batches, args.warmup)
+    checkpointing = plan.get("gradient_checkpointing") or raw_checkpointing(args.worker, args.gc)
     step = statistics.median(times)
     tokens_per_s = args.batch * args.seq / step
     lora = lora_param_count(model)
     flops = flops_per_token(SHAPES[args.shape], args.seq, lora)
     return {"contender": args.worker, "tokens_per_s": tokens_per_s, "step_s": step,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "mfu": flops * tokens_per_s / PEAK_FLOPS,
-            "gflop_per_token": flops / 1e9, "lora_params": lora, "plan": plan}
+            "gflop_per_token": flops / 1e9, "lora_params": lora, "checkpointing": checkpointing, "plan": plan}
 
 
 def spawn(contender: str, args, seq: int) -> dict:
@@ -222,14 +231,14 @@ def table(results, args) -> str:
     hf, unsloth = ok.get("hf"), ok.get("unsloth")
     head = (f"shape {args.shape}{' QLoRA 4-bit' if args.qlora else ' LoRA 16-bit'}, batch {args.batch} x {args.seq} "
             f"tokens, gradient checkpointing {args.gc}, median of {args.steps} steps after {args.warmup} warm-up")
-    rows = [head, "", "| contender | tokens/s | peak GiB | LoRA-MFU | vs hf tokens/s | vs hf memory | vs unsloth tokens/s |"
-            + (" max seq |" if args.max_seq else ""), "|---|---|---|---|---|---|---|" + ("---|" if args.max_seq else "")]
+    rows = [head, "", "| contender | checkpointing | tokens/s | peak GiB | LoRA-MFU | vs hf tokens/s | vs hf memory | vs unsloth tokens/s |"
+            + (" max seq |" if args.max_seq else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if args.max_seq else "")]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['contender']} | failed: {r['error'][:60]} | | | | | |")
+            rows.append(f"| {r['contender']} | | failed: {r['error'][-80:]!r} | | | | | |")
             continue
         ratio = lambda a, b, key: f"{r[key] / b[key]:.2f}x" if b else "n/a"  # noqa: E731
-        rows.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['mfu']:.1%} | "
+        rows.append(f"| {r['contender']} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['mfu']:.1%} | "
                     f"{ratio(r, hf, 'tokens_per_s')} | {ratio(r, hf, 'peak_gib')} | {ratio(r, unsloth, 'tokens_per_s')} |"
                     + (f" {r.get('max_seq', 0)} |" if args.max_seq else ""))
     return "\n".join(rows)

@@ -18,7 +18,7 @@ PACKAGES=(
   unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 peft==0.21.2 datasets==4.8.5
   bitsandbytes==0.50.2 torchao==0.17.0 cut-cross-entropy==25.1.1 tyro msgspec dill==0.4.1
   multiprocess==0.70.19 docstring-parser typeguard shtab
-  hydra-core==1.3.8 omegaconf==2.3.1 pytest iniconfig pluggy gguf==0.19.0 rich markdown-it-py mdurl
+  hydra-core==1.3.8 omegaconf==2.3.1 pytest iniconfig pluggy gguf==0.19.0 rich markdown-it-py mdurl diskcache
 )
 PLATFORM=(--python-version 3.12 --implementation cp --only-binary=:all:)
 for tag in manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
@@ -44,7 +44,6 @@ copy_installed antlr4 antlr4_python3_runtime
 # Trim what LoRA training never loads.
 rm -rf "$OUT/site/studio" "$OUT/site/unsloth_cli" "$OUT/site/test" "$OUT/site/bin"
 find "$OUT/site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name "libbitsandbytes_${CUDA_LIB}.so" -delete
-rm -rf "$OUT/site/unsloth_zoo/mlx"                   # Apple silicon only
 rm -f "$OUT"/site/torchao/_C_*.so                    # optional fp8/mx kernels; LoRA never loads them
 find "$OUT/site" -name '__pycache__' -type d -prune -exec rm -rf {} +
 find "$OUT/site" -path '*/tests/*' -name '*.py' -path '*torchao*' -delete
