@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from tunelab.config.checks import validate
-from tunelab.config.identity import config_hash, dataset_hash
+from tunelab.config.identity import config_hash
+from tunelab.data.sources import dataset_sha256
 from tunelab.paths import RunPaths
 from tunelab.stages import evaluate, export, prepare, train
 from tunelab.tracking import Tracker
 
 STAGES = {
-    "prepare": lambda cfg, paths: prepare.run(cfg.dataset, paths),
+    "prepare": prepare.run,
     "train": train.run,
     "export": export.run,
     "evaluate": evaluate.run,
@@ -23,14 +23,10 @@ STAGES = {
 console = Console()
 
 
-def dataset_sources(cfg: DictConfig):
-    return [Path(p) for p in (cfg.dataset.path, cfg.dataset.eval_path) if p]
-
-
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     paths = RunPaths.from_config(cfg.paths)
-    data_hash = dataset_hash(dataset_sources(cfg))
+    data_hash = dataset_sha256(cfg.dataset)  # the same identity prepare's manifest records
     identity = config_hash(cfg, data_hash)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

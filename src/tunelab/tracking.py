@@ -66,9 +66,13 @@ class Tracker:
     def _log_prepare(self, result, paths, cfg):
         import mlflow
 
-        mlflow.log_metrics({"data.rows_in": result["rows_in"], "data.train_rows": result["train_rows"],
-                            "data.eval_rows": result["eval_rows"]})
+        counts = ("rows_in", "rows_out", "rows_quarantined", "rows_trimmed", "train_rows", "eval_rows")
+        mlflow.log_metrics({f"data.{key}": result[key] for key in counts if key in result})
         mlflow.set_tag("tunelab.dataset_sha256", result["dataset_sha256"])
+        mlflow.log_artifact(str(paths.data_manifest), "prepare")
+        quarantined = paths.prepare_dir / "quarantine.jsonl"
+        if quarantined.is_file():
+            mlflow.log_artifact(str(quarantined), "prepare")
 
     def _log_train(self, result, paths, cfg):
         import mlflow

@@ -1,6 +1,7 @@
 """Cross-field rules, one small function each. `validate` reports every problem at once."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, List
 
@@ -9,7 +10,8 @@ from omegaconf import DictConfig
 STAGES = ("all", "prepare", "train", "export", "evaluate")
 QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
                "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_m", "q2_k")
-DATASET_FORMATS = ("csv", "sharegpt")
+DATASET_FORMATS = ("csv", "sharegpt", "openai", "alpaca", "hf_disk", "hub")
+INVALID_ROW_POLICIES = ("fail", "quarantine")
 MODEL_SOURCES = ("package_gguf", "local", "hub", "tiny")
 BACKENDS = ("hf", "unsloth", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -34,17 +36,45 @@ def check_stage(cfg) -> List[str]:
     return _choice("stage", cfg.stage, STAGES)
 
 
+def _check_source(key: str, source) -> List[str]:
+    problems = _choice(f"{key}.format", source.format, DATASET_FORMATS)
+    if not source.path:
+        problems.append(f"{key}.path is required (a file, a folder for hf_disk, the dataset id for hub)")
+    elif source.format == "hf_disk" and not Path(source.path).is_dir():
+        problems.append(f"{key}.path={source.path!r}: no such folder (relative to {Path.cwd()})")
+    elif source.format in DATASET_FORMATS[:4] and not Path(source.path).is_file():
+        problems.append(f"{key}.path={source.path!r}: no such file (relative to {Path.cwd()})")
+    if source.format == "hub" and not source.revision:
+        problems.append(f"{key}.revision is required for format=hub: pin a commit or tag")
+    if source.rows is not None and source.weight is not None:
+        problems.append(f"{key}: set rows or weight, not both")
+    if source.rows is not None and source.rows < 1:
+        problems.append(f"{key}.rows={source.rows} must be >= 1")
+    if source.weight is not None and source.weight <= 0:
+        problems.append(f"{key}.weight={source.weight} must be > 0")
+    return problems
+
+
+def check_dataset_sources(cfg) -> List[str]:
+    d = cfg.dataset
+    if d.sources and d.path:
+        return ["dataset.path and dataset.sources are both set: list every input under dataset.sources"]
+    if d.sources:
+        return [p for i, source in enumerate(d.sources) for p in _check_source(f"dataset.sources[{i}]", source)]
+    return _check_source("dataset", d)
+
+
 def check_dataset(cfg) -> List[str]:
     d = cfg.dataset
-    problems = _choice("dataset.format", d.format, DATASET_FORMATS)
-    if not Path(d.path).is_file():
-        problems.append(f"dataset.path={d.path!r}: no such file (relative to {Path.cwd()})")
-    if d.eval_path is not None and not Path(d.eval_path).is_file():
+    problems = _choice("dataset.on_invalid", d.on_invalid, INVALID_ROW_POLICIES)
+    if d.eval_path is not None and not Path(d.eval_path).exists():
         problems.append(f"dataset.eval_path={d.eval_path!r}: no such file")
     if d.eval_path is None and not 0.0 < d.eval_fraction < 1.0:
         problems.append(f"dataset.eval_fraction={d.eval_fraction} must be in (0, 1) when there is no eval_path")
     if d.max_eval_rows is not None and d.max_eval_rows < 1:
         problems.append(f"dataset.max_eval_rows={d.max_eval_rows} must be >= 1 or null")
+    if d.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", d.sha256):
+        problems.append(f"dataset.sha256={d.sha256!r} must be 64 lowercase hex digits (prepare's manifest has it)")
     return problems
 
 
@@ -110,7 +140,7 @@ def check_eval(cfg) -> List[str]:
 
 
 CHECKS: List[Callable[[DictConfig], List[str]]] = [
-    check_stage, check_dataset, check_model, check_lora, check_quantization, check_training, check_eval,
+    check_stage, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training, check_eval,
 ]
 
 

@@ -23,11 +23,29 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def dataset_hash(paths: Iterable[Path]) -> str:
+def folder_sha256(folder: Path) -> str:
+    """A folder's content hash: its files' relative paths and content hashes, in sorted order."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(file_sha256(Path(path)).encode())
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    path = Path(path)
+    return folder_sha256(path) if path.is_dir() else file_sha256(path)
+
+
+def combine_digests(digests: Iterable[str]) -> str:
+    """The dataset's identity from its sources' digests, in order."""
+    digest = hashlib.sha256()
+    for part in digests:
+        digest.update(part.encode())
+    return digest.hexdigest()
+
+
+def dataset_hash(paths: Iterable[Path]) -> str:
+    return combine_digests(path_sha256(Path(p)) for p in paths)
 
 
 def identity_dict(cfg: DictConfig) -> dict:

@@ -14,21 +14,52 @@ from omegaconf import MISSING
 
 
 @dataclass
-class DatasetConfig:
-    name: str = MISSING
-    # csv: one row per conversation, columns mapped below; sharegpt: {"conversations": [...]} JSONL
+class SourceConfig:
+    """One input of a dataset: a file, a local `datasets` folder or a hub id, and how to map it."""
+
+    # csv | sharegpt (JSONL, from/value) | openai (JSONL, messages) | alpaca (JSON or JSONL,
+    # instruction/input/output) | hf_disk (a `datasets` save_to_disk folder) | hub (a hub dataset id)
     format: str = "csv"
-    path: str = MISSING
-    # A held-out file for evaluation. When null, `eval_fraction` of `path` is split off (seeded).
+    # A file, a folder (hf_disk) or, for format=hub, the dataset id.
+    path: Optional[str] = None
+    # hub: the commit or tag to read (required: every version is pinned).
+    revision: Optional[str] = None
+    # hf_disk / hub: the split to read when the dataset has several.
+    split: str = "train"
+    # Column mapping (csv, and hf/hub rows that are not conversations): a system prompt and a user
+    # template, both with optional {column} fields (write {{ and }} for literal braces), and the
+    # answer column. Alpaca rows use system_prompt too.
+    system_prompt: Optional[str] = None
+    user_template: str = "{prompt}"
+    answer_column: str = "answer"
+    # Mixing, for several sources: take `rows` rows (a seeded sample), or `weight` times the rows
+    # (0.5 = a seeded half; 2.0 = every training row twice). Null: every row once.
+    rows: Optional[int] = None
+    weight: Optional[float] = None
+
+
+@dataclass
+class DatasetConfig(SourceConfig):
+    name: str = MISSING
+    # Several inputs, each a SourceConfig; when set, the top-level format/path are not used for
+    # training data (the top-level mapping still reads eval_path).
+    sources: List[SourceConfig] = field(default_factory=list)
+    # A held-out file for evaluation, read with the top-level format and mapping. When null,
+    # `eval_fraction` of the data is split off (seeded, grouped by prompt).
     eval_path: Optional[str] = None
     eval_fraction: float = 0.1
     # Evaluate on at most this many eval rows (null: all of them).
     max_eval_rows: Optional[int] = None
-    # CSV mapping: a constant system prompt, a user template with {column} fields, the answer column.
-    system_prompt: Optional[str] = None
-    user_template: str = "{prompt}"
-    answer_column: str = "answer"
     seed: int = 0
+    # fail: any invalid row fails prepare and nothing is written. quarantine: invalid rows are
+    # dropped, each written with its reason to prepare/quarantine.jsonl, and the counts logged.
+    on_invalid: str = "fail"
+    # A multi-turn row over training.max_seq_length may drop its oldest exchanges (never the
+    # system prompt, never the final exchange) until it fits. Off: over-long is a problem.
+    trim_history: bool = False
+    # The dataset's expected content hash (sha256, as prepare's manifest records it); set it to
+    # pin the data: a mismatch fails prepare.
+    sha256: Optional[str] = None
 
 
 @dataclass

@@ -1,66 +1,105 @@
-"""prepare: read the dataset, validate every row, write ShareGPT JSONL train/eval splits."""
+"""prepare: read every source, validate every row, write ShareGPT JSONL train/eval splits.
+
+Strict by default: any problem fails the stage and nothing is written. With
+dataset.on_invalid=quarantine the invalid rows are dropped into prepare/quarantine.jsonl, each
+with its reasons. The manifest records the dataset's content hash and how many rows went in and out.
+"""
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional
 
-from tunelab.config.identity import dataset_hash
-from tunelab.data.formats import Conversation, read_dataset, write_jsonl
+from tunelab.data import quarantine
+from tunelab.data.formats import Conversation, DataError, write_jsonl
+from tunelab.data.lengths import LengthMeter, percentiles
+from tunelab.data.load import LoadedDataset, load_dataset
+from tunelab.data.split import split_conversations, subsample, upsample
+from tunelab.data.validate import split_overlap
 from tunelab.paths import RunPaths
 
-
-def split_conversations(conversations: List[Conversation], fraction: float, seed: int
-                        ) -> Tuple[List[Conversation], List[Conversation]]:
-    """Deterministic split by a seeded hash of the prompt: equal prompts land on the same side."""
-    def bucket(conv: Conversation) -> float:
-        digest = hashlib.sha256(f"{seed}:{conv.prompt_key}".encode()).hexdigest()
-        return int(digest[:12], 16) / float(16 ** 12)
-
-    train = [c for c in conversations if bucket(c) >= fraction]
-    evals = [c for c in conversations if bucket(c) < fraction]
-    if not train or not evals:
-        raise ValueError(f"dataset.eval_fraction={fraction} leaves an empty split of {len(conversations)} rows")
-    return train, evals
+log = logging.getLogger(__name__)
 
 
-def run(dataset_cfg, paths: RunPaths) -> dict:
-    sources = [Path(dataset_cfg.path)] + ([Path(dataset_cfg.eval_path)] if dataset_cfg.eval_path else [])
-    conversations = read_dataset(sources[0], dataset_cfg.format, dataset_cfg)
-    if dataset_cfg.eval_path:
-        train = conversations
-        evals = read_dataset(sources[1], dataset_cfg.format, dataset_cfg)
+def run(cfg, paths: RunPaths) -> dict:
+    """The stage: token lengths are measured with the run's model tokenizer and chat template."""
+    try:
+        return prepare_dataset(cfg.dataset, paths, LengthMeter.from_config(cfg, paths))
+    except DataError:
+        # An older split must not survive a failed prepare: a later `stage=train` would train on data
+        # that no longer matches the config.
+        shutil.rmtree(paths.prepare_dir, ignore_errors=True)
+        raise
+
+
+def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) -> dict:
+    loaded = load_dataset(dataset_cfg, meter)
+    quarantine.enforce(loaded.problems, dataset_cfg.on_invalid)
+    pool = [c for index, data in enumerate(loaded.sources)
+            for c in subsample([c for c in loaded.train if c.origin == index], data.source, index, dataset_cfg.seed)]
+    if loaded.evals is not None:
+        train, evals = pool, loaded.evals
     else:
-        train, evals = split_conversations(conversations, dataset_cfg.eval_fraction, dataset_cfg.seed)
-    overlap = {c.prompt_key for c in train} & {c.prompt_key for c in evals}
-    if overlap:
-        raise ValueError(f"{len(overlap)} prompt(s) appear in both the train and the eval data, e.g. "
-                         f"{sorted(overlap)[0][:200]}: remove them from {sources[-1]}")
+        train, evals = split_conversations(pool, dataset_cfg.eval_fraction, dataset_cfg.seed)
+    overlap = split_overlap(train, evals)
+    if overlap:  # the split is grouped and eval_path rows were checked for leakage: this is a bug
+        raise RuntimeError(f"{overlap} eval row(s) share a prompt with the training split")
+    train = upsample(train, [d.source for d in loaded.sources], dataset_cfg.seed)
+    available_eval = len(evals)
     if dataset_cfg.max_eval_rows:
         evals = evals[: dataset_cfg.max_eval_rows]
-    manifest = {
-        "dataset": dataset_cfg.name,
-        "sources": [str(s) for s in sources],
-        "dataset_sha256": dataset_hash(sources),
-        "rows_in": len(conversations) + (len(evals) if dataset_cfg.eval_path else 0),
-        "train_rows": len(train),
-        "eval_rows": len(evals),
-    }
-    _write_atomically(paths.prepare_dir, train, evals, manifest)
+    records = quarantine.dropped_records(loaded.problems) + loaded.trimmed
+    manifest = _manifest(dataset_cfg, loaded, pool, train, evals, available_eval, records, meter)
+    _write_atomically(paths.prepare_dir, train, evals, manifest, records)
+    if records:
+        log.warning("prepare: %d row(s) dropped, %d trimmed: see %s", manifest["rows_quarantined"],
+                    manifest["rows_trimmed"], paths.prepare_dir / "quarantine.jsonl")
     return manifest
 
 
-def _write_atomically(out_dir: Path, train, evals, manifest) -> None:
+def _manifest(dataset_cfg, loaded: LoadedDataset, pool, train, evals, available_eval, records, meter) -> dict:
+    every = loaded.sources + ([loaded.held_out] if loaded.held_out else [])
+    used = {id(c) for c in train + evals}
+    lengths = [loaded.token_lengths[c.source] for c in train + evals if c.source in loaded.token_lengths]
+    return {
+        "dataset": dataset_cfg.name,
+        "dataset_sha256": loaded.sha256,
+        "sources": [{"path": d.source.label, "format": d.source.format, "sha256": d.sha256,
+                     "rows_read": d.rows_read, "rows_valid": len(d.conversations),
+                     "rows_used": sum(c.origin == d.index for c in train + evals if id(c) in used)}
+                    for d in every],
+        "rows_in": loaded.rows_in,
+        "rows_out": len(train) + len(evals),
+        "rows_quarantined": sum(r["action"] == "dropped" for r in records),
+        "rows_trimmed": sum(r["action"] == "trimmed" for r in records),
+        "rows_not_sampled": len(loaded.train) - len(pool),
+        "eval_rows_not_used": available_eval - len(evals),
+        "train_rows": len(train),
+        "eval_rows": len(evals),
+        "split_overlap": 0,
+        "on_invalid": dataset_cfg.on_invalid,
+        "max_seq_length": meter.max_length if meter else None,
+        "token_lengths": percentiles(lengths),
+    }
+
+
+def _write_atomically(out_dir: Path, train: List[Conversation], evals: List[Conversation], manifest: dict,
+                      records: List[dict]) -> None:
     """Write into a temporary folder and swap it in, so a failure leaves no half-written split."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir.parent))
-    write_jsonl(tmp / "train.jsonl", train)
-    write_jsonl(tmp / "eval.jsonl", evals)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "eval.jsonl", evals)
+        if records:
+            quarantine.write_records(tmp / "quarantine.jsonl", records)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
