@@ -39,7 +39,7 @@ def _task(cfg: DictConfig) -> None:
 
 
 # name -> module under tunelab.commands with a main(argv: list[str]) -> int
-SUBCOMMANDS: dict = {}
+SUBCOMMANDS: dict = {"data": "data"}
 
 
 def main() -> None:
