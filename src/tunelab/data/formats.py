@@ -55,9 +55,10 @@ class Problem:
         return f"{self.where}: {self.reason}" + (f" {self.detail}" if self.detail else "")
 
 
-REASONS = ("malformed JSON", "not UTF-8", "not an object", "unknown role", "empty content",
-           "no assistant turn", "wrong role order", "missing CSV column", "malformed CSV",
-           "duplicate", "over-long", "template error", "leakage between splits", "hash mismatch")
+REASONS = ("malformed JSON", "not UTF-8", "not an object", "missing field", "unsupported content",
+           "unknown role", "empty content", "no assistant turn", "wrong role order", "missing CSV column",
+           "malformed CSV", "duplicate", "over-long", "template error", "leakage between splits",
+           "hash mismatch")
 
 
 class DataError(ValueError):

@@ -27,17 +27,17 @@ def _text(content, where: str, turn: int) -> Tuple[Optional[str], List[Problem]]
         return content or "", []
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content), []
-    return None, [Problem(where, "not an object", f"turn {turn}: content must be a string or a list of "
-                                                  f"text parts, got {type(content).__name__}")]
+    return None, [Problem(where, "unsupported content", f"- turn {turn}: content must be a string or a list "
+                                                        f"of text parts, got {type(content).__name__}")]
 
 
 def _turns(turns, role_key: str, text_key: str, where: str, container: str) -> Result:
     if not isinstance(turns, list):
-        return None, [Problem(where, "not an object", f'expected an object with a "{container}" list')]
+        return None, [Problem(where, "missing field", f'- expected an object with a "{container}" list')]
     messages, problems = [], []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            problems.append(Problem(where, "not an object", f"turn {i} is {type(turn).__name__}, not an object"))
+            problems.append(Problem(where, "not an object", f"- turn {i} is {type(turn).__name__}"))
             continue
         role, role_problems = _role(turn.get(role_key), where, i)
         text, text_problems = _text(turn.get(text_key), where, i)
@@ -47,20 +47,26 @@ def _turns(turns, role_key: str, text_key: str, where: str, container: str) -> R
     return messages, problems
 
 
+def _not_an_object(obj, where: str) -> List[Problem]:
+    return [] if isinstance(obj, dict) else [Problem(where, "not an object", f"- expected an object, got "
+                                                                           f"{type(obj).__name__}")]
+
+
 def sharegpt_messages(obj, where: str) -> Result:
-    turns = obj.get("conversations") if isinstance(obj, dict) else None
-    return _turns(turns, "from", "value", where, "conversations")
+    problems = _not_an_object(obj, where)
+    return (None, problems) if problems else _turns(obj.get("conversations"), "from", "value", where, "conversations")
 
 
 def openai_messages(obj, where: str) -> Result:
-    turns = obj.get("messages") if isinstance(obj, dict) else None
-    return _turns(turns, "role", "content", where, "messages")
+    problems = _not_an_object(obj, where)
+    return (None, problems) if problems else _turns(obj.get("messages"), "role", "content", where, "messages")
 
 
 def alpaca_messages(obj, where: str, system_prompt: Optional[str]) -> Result:
-    """instruction + input (a blank line between, as Alpaca's own prompt does) -> user; output -> assistant."""
-    if not isinstance(obj, dict) or "instruction" not in obj or "output" not in obj:
-        return None, [Problem(where, "not an object", 'expected an object with "instruction" and "output"')]
+    """instruction + input (a blank line between, as Alpaca's own prompt does) -> user; output -> assistant.
+    A row without "output" has no assistant turn; one without "instruction" an empty user turn."""
+    if not isinstance(obj, dict):
+        return None, _not_an_object(obj, where)
     values = {}
     for key in ("instruction", "input", "output", "system"):
         value, problems = _text(obj.get(key), where, 0)
@@ -70,7 +76,10 @@ def alpaca_messages(obj, where: str, system_prompt: Optional[str]) -> Result:
     user = values["instruction"] + (f"\n\n{values['input']}" if values["input"].strip() else "")
     system = values["system"] or system_prompt
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": values["output"]}], []
+    messages.append({"role": "user", "content": user})
+    if "output" in obj:
+        messages.append({"role": "assistant", "content": values["output"]})
+    return messages, []
 
 
 def template_fields(template: Optional[str]) -> List[str]:
