@@ -1,0 +1,41 @@
+"""`tunelab data check`: the exact training text with the loss-carrying tokens highlighted, and statistics."""
+from __future__ import annotations
+
+from tunelab.commands import data as data_command
+from data_helpers import TWEET_SYSTEM, meter
+from conftest import ROOT
+
+CONVERSATION = [{"role": "system", "content": TWEET_SYSTEM}, {"role": "user", "content": "The topic is: Tea"},
+                {"role": "assistant", "content": "TEA TIME."}, {"role": "user", "content": "Again"},
+                {"role": "assistant", "content": "MORE TEA."}]
+
+
+def test_highlighted_text_is_the_training_text_and_marks_exactly_the_loss_tokens():
+    m = meter()
+    text = data_command.rendered_sample(m, CONVERSATION)
+    assert text.plain == m.template.render(CONVERSATION)
+    highlighted = "".join(text.plain[s.start:s.end] for s in text.spans if "on green" in str(s.style))
+    assert highlighted == "TEA TIME.<|im_end|>MORE TEA.<|im_end|>"
+
+
+def test_data_check_prints_samples_and_statistics(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert data_command.main(["check", "--samples", "2", "experiment=smoke"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("data/tweets/train.csv:") == 2 and "<|im_start|>assistant" in out
+    assert "rows read" in out and "535" in out and "p50" in out and "over max_seq_length=256" in out
+
+
+def test_data_check_fails_on_data_that_prepare_would_refuse(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    broken = "tests/data/broken/duplicates.csv"
+    code = data_command.main(["check", "experiment=smoke", f"dataset.path={broken}", "dataset.eval_path=null"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{broken}:4: duplicate" in out and f"{broken}:5: duplicate" in out and "prepare would fail" in out
+
+
+def test_data_check_names_a_bad_config_key(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert data_command.main(["check", "experiment=smoke", "dataset.on_invalid=skip"]) == 2
+    assert "dataset.on_invalid='skip'" in capsys.readouterr().err
