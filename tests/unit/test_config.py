@@ -12,6 +12,10 @@ GROUPS = ["dataset", "model", "lora", "template", "quantization", "training", "e
 # Options that need a value only a user can give (a path) get one here.
 REQUIRED = {
     ("dataset", "sharegpt"): [f"dataset.path={ROOT}/tests/data/sharegpt_valid.jsonl"],
+    ("dataset", "openai"): [f"dataset.path={ROOT}/tests/data/openai_valid.jsonl"],
+    ("dataset", "alpaca"): [f"dataset.path={ROOT}/tests/data/alpaca_valid.json"],
+    ("dataset", "hf_disk"): [f"dataset.path={ROOT}/tests/data"],
+    ("dataset", "hub"): ["dataset.path=org/name", "dataset.revision=0123abcd"],
     ("model", "local"): [f"model.path={ROOT}"],
 }
 

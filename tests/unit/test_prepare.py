@@ -172,7 +172,9 @@ def test_several_sources_mix_by_rows_and_weight(tmp_path):
     b_train_unique = {json.dumps(r) for r in from_b_train}
     assert len(from_a) == 10 and manifest["rows_not_sampled"] == 30
     assert len(from_b_train) == 2 * len(b_train_unique)  # weight 2: every training row of b twice
-    assert manifest["sources"][0]["rows_used"] == 10
+    assert manifest["sources"][0]["rows_used"] == 10 and manifest["rows_repeated"] == len(b_train_unique)
+    assert manifest["rows_in"] == (manifest["rows_out"] - manifest["rows_repeated"] + manifest["rows_quarantined"]
+                                   + manifest["rows_not_sampled"] + manifest["eval_rows_not_used"])
     again, paths2 = run_prepare(tmp_path, cfg, name="again")
     assert paths2.train_jsonl.read_text() == paths.train_jsonl.read_text()
 

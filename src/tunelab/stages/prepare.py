@@ -48,12 +48,14 @@ def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) 
     overlap = split_overlap(train, evals)
     if overlap:  # the split is grouped and eval_path rows were checked for leakage: this is a bug
         raise RuntimeError(f"{overlap} eval row(s) share a prompt with the training split")
+    distinct_train = len(train)
     train = upsample(train, [d.source for d in loaded.sources], dataset_cfg.seed)
     available_eval = len(evals)
     if dataset_cfg.max_eval_rows:
         evals = evals[: dataset_cfg.max_eval_rows]
     records = quarantine.dropped_records(loaded.problems) + loaded.trimmed
-    manifest = _manifest(dataset_cfg, loaded, pool, train, evals, available_eval, records, meter)
+    counts = {"rows_repeated": len(train) - distinct_train, "eval_rows_not_used": available_eval - len(evals)}
+    manifest = _manifest(dataset_cfg, loaded, pool, train, evals, counts, records, meter)
     _write_atomically(paths.prepare_dir, train, evals, manifest, records)
     if records:
         log.warning("prepare: %d row(s) dropped, %d trimmed: see %s", manifest["rows_quarantined"],
@@ -61,23 +63,24 @@ def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) 
     return manifest
 
 
-def _manifest(dataset_cfg, loaded: LoadedDataset, pool, train, evals, available_eval, records, meter) -> dict:
+def _manifest(dataset_cfg, loaded: LoadedDataset, pool, train, evals, counts, records, meter) -> dict:
+    """Where every row went: rows_in = rows_out - rows_repeated + rows_quarantined + rows_not_sampled
+    + eval_rows_not_used."""
     every = loaded.sources + ([loaded.held_out] if loaded.held_out else [])
-    used = {id(c) for c in train + evals}
     lengths = [loaded.token_lengths[c.source] for c in train + evals if c.source in loaded.token_lengths]
     return {
         "dataset": dataset_cfg.name,
         "dataset_sha256": loaded.sha256,
         "sources": [{"path": d.source.label, "format": d.source.format, "sha256": d.sha256,
                      "rows_read": d.rows_read, "rows_valid": len(d.conversations),
-                     "rows_used": sum(c.origin == d.index for c in train + evals if id(c) in used)}
+                     "rows_used": sum(c.origin == d.index for c in train + evals)}
                     for d in every],
         "rows_in": loaded.rows_in,
         "rows_out": len(train) + len(evals),
         "rows_quarantined": sum(r["action"] == "dropped" for r in records),
         "rows_trimmed": sum(r["action"] == "trimmed" for r in records),
         "rows_not_sampled": len(loaded.train) - len(pool),
-        "eval_rows_not_used": available_eval - len(evals),
+        **counts,
         "train_rows": len(train),
         "eval_rows": len(evals),
         "split_overlap": 0,
