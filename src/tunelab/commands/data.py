@@ -50,12 +50,14 @@ def statistics_table(loaded, max_length: int) -> Table:
     turns = [len(c.messages) for c in rows] or [0]
     table = Table(title=f"dataset {loaded.sha256[:16]}…", show_header=False)
     table.add_row("rows read", str(loaded.rows_in))
-    table.add_row("valid rows", f"{len(loaded.train)} train" + (f" + {len(loaded.evals)} eval_path" if loaded.evals is not None else ""))
+    held_out = f" + {len(loaded.evals)} eval_path" if loaded.evals is not None else ""
+    table.add_row("valid rows", f"{len(loaded.train)} train{held_out}")
     table.add_row("invalid rows", str(len({p.where for p in loaded.problems})))
     table.add_row("turns per row", f"min {min(turns)}, mean {mean(turns):.1f}, max {max(turns)}")
     table.add_row("tokens per row", ", ".join(f"{k} {v}" for k, v in percentiles(lengths).items()) or "-")
     over = sum(length > max_length for length in lengths)
-    table.add_row(f"over max_seq_length={max_length}", f"{over} row(s)" + (f", {len(loaded.trimmed)} trimmed" if loaded.trimmed else ""))
+    trimmed = f", {len(loaded.trimmed)} trimmed to fit" if loaded.trimmed else ""
+    table.add_row(f"over max_seq_length={max_length}", f"{over} row(s){trimmed}")
     return table
 
 

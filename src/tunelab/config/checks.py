@@ -140,7 +140,8 @@ def check_eval(cfg) -> List[str]:
 
 
 CHECKS: List[Callable[[DictConfig], List[str]]] = [
-    check_stage, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training, check_eval,
+    check_stage, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training,
+    check_eval,
 ]
 
 

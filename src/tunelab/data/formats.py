@@ -62,12 +62,14 @@ REASONS = ("malformed JSON", "not UTF-8", "not an object", "missing field", "uns
 
 
 class DataError(ValueError):
-    def __init__(self, problems: List, limit: int = 50):
+    """Every problem found, one per line, and what to do about them (`note`)."""
+
+    def __init__(self, problems: List, note: str = "", limit: int = 50):
         self.problems = [str(p) for p in problems]
         shown = self.problems[:limit]
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-        super().__init__(f"{len(problems)} problem(s) in the dataset:\n"
-                         + "\n".join(f"  {p}" for p in shown) + more)
+        super().__init__(f"{len(problems)} problem(s) in the dataset:\n" + "\n".join(f"  {p}" for p in shown)
+                         + more + (f"\n{note}" if note else ""))
 
 
 def write_jsonl(path: Path, conversations: List[Conversation]) -> None:

@@ -13,17 +13,18 @@ from typing import Dict, List
 from tunelab.data.formats import DataError, Problem
 
 POLICIES = ("fail", "quarantine")
-HINT = ("nothing was written. Fix the rows, or set dataset.on_invalid=quarantine to drop them into "
-        "prepare/quarantine.jsonl")
+HINT = ("Nothing was written. Fix the rows, or set dataset.on_invalid=quarantine to drop them into "
+        "prepare/quarantine.jsonl.")
 
 
 def enforce(problems: List[Problem], on_invalid: str) -> None:
     """Raise DataError naming every problem unless the policy lets these rows be dropped."""
     fatal = [p for p in problems if p.fatal]
-    if fatal or (problems and on_invalid != "quarantine"):
-        shown = problems if on_invalid != "quarantine" else fatal
-        raise DataError(shown + [HINT if not fatal else "nothing was written: these problems concern whole "
-                                 "files and cannot be quarantined"])
+    if fatal:
+        raise DataError(fatal if on_invalid == "quarantine" else problems,
+                        "Nothing was written: problems with whole files cannot be quarantined.")
+    if problems and on_invalid != "quarantine":
+        raise DataError(problems, HINT)
 
 
 def dropped_records(problems: List[Problem]) -> List[dict]:

@@ -59,8 +59,8 @@ def find_duplicates(conversations: List[Conversation]) -> Flagged:
         if exact_key in exact:
             flagged.append((conv, Problem(conv.source, "duplicate", f"(exact) of {exact[exact_key].source}")))
         elif near_key in near:
-            flagged.append((conv, Problem(conv.source, "duplicate", f"(near-exact: differs only in case, "
-                                                                    f"whitespace or punctuation) of {near[near_key].source}")))
+            flagged.append((conv, Problem(conv.source, "duplicate", "(near-exact: differs only in case, whitespace "
+                                                                    f"or punctuation) of {near[near_key].source}")))
         exact.setdefault(exact_key, conv)
         near.setdefault(near_key, conv)
     return flagged
