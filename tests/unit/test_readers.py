@@ -145,3 +145,22 @@ def test_every_problem_of_every_source_is_reported_in_one_pass(tmp_path):
     with pytest.raises(DataError):
         from tunelab.data.quarantine import enforce
         enforce(loaded.problems, "fail")
+
+
+def test_a_datasets_dict_folder_reads_the_configured_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "hf"
+    DatasetDict({"train": Dataset.from_list([{"messages": MULTI_TURN}]),
+                 "test": Dataset.from_list([{"messages": MULTI_TURN[:3]}])}).save_to_disk(str(folder))
+    assert messages_of(Source("hf_disk", str(folder), split="test")) == [MULTI_TURN[:3]]
+    with pytest.raises(FileNotFoundError, match="no split 'dev'; it has \\['train', 'test'\\]"):
+        read_source(Source("hf_disk", str(folder), split="dev"))
+
+
+def test_an_empty_source_is_a_problem_not_an_empty_dataset(tmp_path):
+    from data_helpers import dataset_cfg
+
+    empty = write(tmp_path / "e.jsonl", "\n")
+    loaded = load_dataset(dataset_cfg(empty, format="sharegpt"), meter=None)
+    assert [str(p) for p in loaded.problems] == [f"{empty}: no rows - the source is empty"]

@@ -34,11 +34,6 @@ class Conversation:
         return {"conversations": [{"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]}
                                   for m in self.messages]}
 
-    @property
-    def prompt_key(self) -> str:
-        """The conversation without its final answer: rows sharing it belong to one split."""
-        return json.dumps(self.messages[:-1], sort_keys=True)
-
 
 @dataclass
 class Problem:
@@ -57,7 +52,7 @@ class Problem:
 
 REASONS = ("malformed JSON", "not UTF-8", "not an object", "missing field", "unsupported content",
            "unknown role", "empty content", "no assistant turn", "wrong role order", "missing CSV column",
-           "malformed CSV", "duplicate", "over-long", "template error", "leakage between splits",
+           "malformed CSV", "no rows", "duplicate", "over-long", "template error", "leakage between splits",
            "hash mismatch")
 
 

@@ -50,6 +50,8 @@ def load_dataset(dataset_cfg, meter: Optional[LengthMeter]) -> LoadedDataset:
     loaded = LoadedDataset(datas, held, [c for d in datas for c in d.conversations],
                            held.conversations if held else None, combine_digests(d.sha256 for d in every))
     problems = [p for d in every for p in d.problems]
+    problems += [Problem(d.source.label, "no rows", "- the source is empty", fatal=True)
+                 for d in every if not d.rows_read and not d.problems]
     pinned = getattr(dataset_cfg, "sha256", None)
     if pinned and pinned != loaded.sha256:
         problems.append(Problem(f"dataset {dataset_cfg.name}", "hash mismatch",
