@@ -26,6 +26,7 @@ def config_dir() -> Path:
 
 def _task(cfg: DictConfig) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     from tunelab import pipeline
     from tunelab.config.checks import ConfigError
@@ -34,7 +35,10 @@ def _task(cfg: DictConfig) -> None:
     try:
         pipeline.run(cfg)
     except (ConfigError, DataError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[bold red]tunelab: {type(err).__name__}[/]: {err}", highlight=False)
+        # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
+        # line breaks inside a long file:line, so every message stays one greppable line.
+        message = Text.assemble((f"tunelab: {type(err).__name__}", "bold red"), f": {err}")
+        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

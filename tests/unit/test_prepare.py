@@ -129,12 +129,13 @@ def test_trim_history_never_cuts_a_single_exchange(tmp_path):
 
 def test_eval_path_leakage_names_the_eval_row_and_its_training_twin(tmp_path):
     train = write_csv(tmp_path / "train.csv", [f"Topic {i},TWEET {i}" for i in range(10)])
-    held = write_csv(tmp_path / "eval.csv", ["Fresh,NEW", "TOPIC 4.,A DIFFERENT ANSWER"])
+    held = write_csv(tmp_path / "eval.csv", ["Fresh,NEW", "TOPIC 4.,A DIFFERENT ANSWER", "Topic 5,TWEET 5"])
     with pytest.raises(DataError) as err:
         run_prepare(tmp_path, dataset_cfg(train, eval_path=str(held)))
     assert f"{held}:3: leakage between splits - its prompt is also in the training data at {train}:6" in str(err.value)
+    assert f"{held}:4: leakage between splits - the whole row is a duplicate of {train}:7" in str(err.value)
     manifest, paths = run_prepare(tmp_path, dataset_cfg(train, eval_path=str(held), on_invalid="quarantine"))
-    assert manifest["eval_rows"] == 1 and manifest["rows_quarantined"] == 1
+    assert manifest["eval_rows"] == 1 and manifest["rows_quarantined"] == 2
 
 
 def test_manifest_records_the_same_identity_the_config_hash_uses(tmp_path):

@@ -81,7 +81,7 @@ def check(samples: int, overrides: List[str], console: Console) -> int:
     console.print(f"[{LOSS_STYLE}]highlighted[/]: tokens that carry loss (answers and their end-of-turn token)")
     console.print(statistics_table(loaded, meter.max_length))
     for problem in loaded.problems[:50]:
-        console.print(Text(str(problem), style="red"))
+        console.print(Text(str(problem), style="red"), soft_wrap=True)
     if len(loaded.problems) > 50:
         console.print(f"... and {len(loaded.problems) - 50} more problems")
     fails = loaded.problems and (cfg.dataset.on_invalid != "quarantine" or any(p.fatal for p in loaded.problems))
@@ -98,5 +98,6 @@ def main(argv: List[str]) -> int:
     try:
         return check(args.samples, args.overrides, console)
     except (ConfigError, FileNotFoundError) as err:
-        Console(stderr=True).print(Text(f"tunelab data: {type(err).__name__}: {err}", style="bold red"))
+        message = Text(f"tunelab data: {type(err).__name__}: {err}", style="bold red")
+        Console(stderr=True).print(message, soft_wrap=True)
         return 2

@@ -68,13 +68,19 @@ def find_duplicates(conversations: List[Conversation]) -> Flagged:
 
 def find_leakage(train: List[Conversation], evals: List[Conversation]) -> Flagged:
     """Eval rows whose prompt (up to case/whitespace/punctuation) is also a training prompt."""
-    seen = {}
+    seen: Dict[str, Conversation] = {}
     for conv in train:
         seen.setdefault(prompt_group(conv), conv)
-    return [(conv, Problem(conv.source, "leakage between splits",
-                           f"- its prompt is also in the training data at {seen[prompt_group(conv)].source}; "
-                           "remove it from one side"))
-            for conv in evals if prompt_group(conv) in seen]
+    flagged = []
+    for conv in evals:
+        twin = seen.get(prompt_group(conv))
+        if twin is None:
+            continue
+        same = conversation_key(conv.messages, True) == conversation_key(twin.messages, True)
+        what = "the whole row is a duplicate of" if same else "its prompt is also in the training data at"
+        flagged.append((conv, Problem(conv.source, "leakage between splits",
+                                      f"- {what} {twin.source}; remove it from one side")))
+    return flagged
 
 
 def split_overlap(train: List[Conversation], evals: List[Conversation]) -> int:
