@@ -74,7 +74,7 @@ def read_source(source: Source, index: int = 0) -> SourceData:
         return data
     raw = path.read_bytes()
     data = SourceData(source, index, hashlib.sha256(raw).hexdigest())
-    mismatch = check_dvc_record(path, hashlib.md5(raw).hexdigest())
+    mismatch = check_dvc_record(path, hashlib.md5(raw, usedforsecurity=False).hexdigest())
     if mismatch:
         data.problems.append(mismatch)
         return data
