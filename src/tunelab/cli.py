@@ -31,10 +31,12 @@ def _task(cfg: DictConfig) -> None:
     from tunelab import pipeline
     from tunelab.config.checks import ConfigError
     from tunelab.data.formats import DataError
+    from tunelab.templates.chat import TemplateError
+    from tunelab.templates.parity import ParityError
 
     try:
         pipeline.run(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, TemplateError, ParityError) as err:
         # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
         # line breaks inside a long file:line, so every message stays one greppable line.
         message = Text.assemble((f"tunelab: {type(err).__name__}", "bold red"), f": {err}")
@@ -43,7 +45,7 @@ def _task(cfg: DictConfig) -> None:
 
 
 # name -> module under tunelab.commands with a main(argv: list[str]) -> int
-SUBCOMMANDS: dict = {"data": "data"}
+SUBCOMMANDS: dict = {"data": "data", "serve": "serve"}
 
 
 def main() -> None:

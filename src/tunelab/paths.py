@@ -44,6 +44,15 @@ class RunPaths:
     def loss_log(self) -> Path:
         return self.train_dir / "loss.jsonl"
 
+    @property
+    def train_tokenizer_dir(self) -> Path:
+        """The tokenizer training used (with any special tokens it added): export reads this one."""
+        return self.train_dir / "tokenizer"
+
+    @property
+    def template_contract(self) -> Path:
+        return self.train_dir / "template_contract.json"
+
     # export
     @property
     def export_dir(self) -> Path:

@@ -90,6 +90,9 @@ class Tracker:
         mlflow.log_metrics({"train.final_loss": result["train_loss"], "train.steps": result["steps"],
                             "train.runtime_s": result["train_runtime_s"] or 0.0})
         mlflow.log_artifacts(str(paths.adapter_dir), "adapter")
+        mlflow.log_metric("train.eot_loss_tokens", result.get("eot_loss_tokens", 0))
+        if result.get("added_tokens"):  # special tokens the template needed, added and trained
+            mlflow.set_tag("tunelab.added_tokens", json.dumps(result["added_tokens"]))
 
     def _log_export(self, result, paths, cfg):
         import mlflow
@@ -99,6 +102,8 @@ class Tracker:
             mlflow.log_metric(f"gguf.{quant}.bytes", info["bytes"])
             if self.cfg.log_gguf:
                 mlflow.log_artifact(info["path"], "gguf")
+        for modelfile in result.get("modelfiles", {}).values():
+            mlflow.log_artifact(modelfile, "ollama")
 
     def _log_evaluate(self, result, paths, cfg):
         import mlflow

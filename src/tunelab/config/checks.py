@@ -7,6 +7,8 @@ from typing import Callable, List
 
 from omegaconf import DictConfig
 
+from tunelab.templates.chat import BOS_POLICIES
+
 STAGES = ("all", "prepare", "train", "export", "evaluate")
 QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
                "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_m", "q2_k")
@@ -139,9 +141,24 @@ def check_eval(cfg) -> List[str]:
     return problems
 
 
+# The template contract's check 5: every run measures whether answers stop on the end-of-turn token
+# and are free of role names and special-token text.
+TEMPLATE_METRICS = ("stop_by_eot_rate", "artifact_free_rate")
+
+
+def check_template(cfg) -> List[str]:
+    t = cfg.template
+    problems = [] if t.bos is None else _choice("template.bos", t.bos, BOS_POLICIES)
+    missing = [m for m in TEMPLATE_METRICS if m not in cfg.eval.metrics]
+    if missing:
+        problems.append(f"eval.metrics lacks {', '.join(missing)}: every run measures how answers stop and "
+                        "whether the template leaks into them (tunelab.eval.metrics)")
+    return problems
+
+
 CHECKS: List[Callable[[DictConfig], List[str]]] = [
     check_stage, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training,
-    check_eval,
+    check_eval, check_template,
 ]
 
 

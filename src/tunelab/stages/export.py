@@ -9,13 +9,16 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
-from tunelab.export.hf_folder import check_gguf_template, write_hf_folder
-from tunelab.export.llama_cpp import CONVERTER_OUTTYPES, ExportError, convert, quantize
+from tunelab.data.formats import read_prepared
+from tunelab.export.hf_folder import write_hf_folder
+from tunelab.export.llama_cpp import CONVERTER_OUTTYPES, convert, quantize
+from tunelab.export.modelfile import write_modelfile
 from tunelab.models.source import load_model, load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
 from tunelab.templates.chat import template_from_config
+from tunelab.templates.parity import ParityError, TrainingContract, run_gate, sample_conversations
 
 
 def _reference_type(types: List[str]) -> str:
@@ -26,8 +29,9 @@ def _reference_type(types: List[str]) -> str:
     return "f16"
 
 
-def gguf_set(hf_dir: Path, out: Dict[str, Path], cache_root: Path, template, eot_id: int) -> None:
-    """Convert hf_dir once, quantize to every other type, check each file's template and EOS."""
+def gguf_set(hf_dir: Path, out: Dict[str, Path], cache_root: Path, gate: Callable[[Path], dict]) -> Dict[str, dict]:
+    """Convert hf_dir once, quantize to every other type, pass each file through the parity gate.
+    A file that fails the gate is deleted with the others: nothing half-shipped stays behind."""
     reference = _reference_type(list(out))
     ref_path = out.get(reference) or out[next(iter(out))].with_name(f"model.{reference}.gguf")
     convert(hf_dir, ref_path, reference, cache_root)
@@ -38,24 +42,35 @@ def gguf_set(hf_dir: Path, out: Dict[str, Path], cache_root: Path, template, eot
             quantize(ref_path, path, quant)
     if reference not in out:
         ref_path.unlink()
-    problems = [p for path in out.values() for p in check_gguf_template(path, template, eot_id)]
-    if problems:
-        raise ExportError("the exported GGUF does not carry the training template:\n  " + "\n  ".join(problems))
+    try:
+        return {quant: gate(path) for quant, path in out.items()}
+    except ParityError:
+        for path in out.values():
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _files(out: Dict[str, Path]) -> Dict[str, dict]:
     return {q: {"path": str(p), "bytes": p.stat().st_size} for q, p in out.items()}
 
 
-def export_base(cfg, paths: RunPaths, base_dir: Path, template, types: List[str]) -> Dict[str, dict]:
-    key = hashlib.sha256(f"{base_dir}|{template.source}|{template.end_of_turn}".encode()).hexdigest()[:10]
+def _load_base(cfg, base_dir: Path, tokenizer):
+    """The base model, its embeddings grown to the training tokenizer's added special tokens."""
+    model = load_model(base_dir, None, cfg.model.trust_remote_code)  # the checkpoint's own dtype
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def export_base(cfg, paths: RunPaths, base_dir: Path, template, tokenizer, gate) -> Dict[str, dict]:
+    types = list(cfg.quantization.types)
+    key = hashlib.sha256(f"{base_dir}|{template.source}|{template.end_of_turn}|{len(tokenizer)}".encode()).hexdigest()[:10]
     out = {q: paths.base_gguf(f"{cfg.model.name}-{key}", q) for q in types}
     if all(p.is_file() for p in out.values()):
         return _files(out)
     hf_dir = out[types[0]].parent / "hf"
-    tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-    eot_id = write_hf_folder(load_model(base_dir, None, cfg.model.trust_remote_code), tokenizer, template, hf_dir)
-    gguf_set(hf_dir, out, paths.converter_root, template, eot_id)
+    write_hf_folder(_load_base(cfg, base_dir, tokenizer), tokenizer, template, hf_dir)
+    gguf_set(hf_dir, out, paths.converter_root, gate)
     shutil.rmtree(hf_dir)
     return _files(out)
 
@@ -63,24 +78,33 @@ def export_base(cfg, paths: RunPaths, base_dir: Path, template, types: List[str]
 def run(cfg, paths: RunPaths) -> dict:
     from peft import PeftModel
 
-    types = list(cfg.quantization.types)
     base_dir = resolve_model(cfg.model, paths)
-    tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-    template = template_from_config(cfg.template, tokenizer)
     if not (paths.adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter at {paths.adapter_dir}: run `tunelab stage=train` first")
+    trained_tokenizer = paths.train_tokenizer_dir.is_dir()
+    tokenizer = load_tokenizer(paths.train_tokenizer_dir if trained_tokenizer else base_dir, cfg.model.trust_remote_code)
+    template = template_from_config(cfg.template, tokenizer)
+    contract = TrainingContract.read(paths.template_contract)
+    conversations = read_prepared(paths.train_jsonl)
 
-    base = load_model(base_dir, None, cfg.model.trust_remote_code)  # the checkpoint's own (16/32-bit) dtype
-    merged = PeftModel.from_pretrained(base, str(paths.adapter_dir)).merge_and_unload()
+    merged = PeftModel.from_pretrained(_load_base(cfg, base_dir, tokenizer), str(paths.adapter_dir)).merge_and_unload()
     if paths.export_dir.exists():
         shutil.rmtree(paths.export_dir)
     eot_id = write_hf_folder(merged, tokenizer, template, paths.merged_dir)
-    out = {q: paths.gguf(q) for q in types}
-    gguf_set(paths.merged_dir, out, paths.converter_root, template, eot_id)
+    out = {q: paths.gguf(q) for q in cfg.quantization.types}
+    try:
+        gate = gguf_set(paths.merged_dir, out, paths.converter_root,
+                        lambda path: run_gate(path, template, tokenizer, conversations, contract))
+    except ParityError:
+        shutil.rmtree(paths.export_dir)  # nothing of a refused export stays behind
+        raise
 
+    samples = sample_conversations(conversations)
+    modelfiles = {q: str(write_modelfile(p, template, list(cfg.template.stop), samples)) for q, p in out.items()}
     manifest = {"finetuned": _files(out), "end_of_turn": template.end_of_turn, "eot_id": eot_id,
-                "ship": cfg.quantization.ship}
+                "ship": cfg.quantization.ship, "template": template.name, "gate": gate, "modelfiles": modelfiles}
     if cfg.eval.evaluate_base:
-        manifest["base"] = export_base(cfg, paths, base_dir, template, types)
+        manifest["base"] = export_base(cfg, paths, base_dir, template, tokenizer,
+                                       lambda path: run_gate(path, template, tokenizer, conversations))
     paths.export_manifest.write_text(json.dumps(manifest, indent=2))
     return manifest

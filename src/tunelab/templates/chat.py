@@ -31,12 +31,21 @@ def sandbox() -> ImmutableSandboxedEnvironment:
     return env
 
 
+BOS_POLICIES = ("template", "none")
+PROBE = [{"role": "system", "content": "tunelab-probe-system"}, {"role": "user", "content": "tunelab-probe-user"},
+         {"role": "assistant", "content": "tunelab-probe-answer"}]
+
+
 @dataclass
 class ChatTemplate:
     source: str
     end_of_turn: str
     bos_token: str = ""
     eos_token: str = ""
+    # "template": the rendered text starts with bos_token and nothing else adds one; "none": no BOS.
+    bos: str = "none"
+    assistant_start: Optional[str] = None
+    name: str = ""
 
     def __post_init__(self):
         self._compiled = sandbox().from_string(self.source)
@@ -66,17 +75,74 @@ class ChatTemplate:
         return full, spans
 
 
+def _cfg(template_cfg, key, default=None):
+    return getattr(template_cfg, key, default)
+
+
 def template_from_config(template_cfg, tokenizer) -> ChatTemplate:
+    """The run's ChatTemplate, checked against the tokenizer: every special token it needs is one
+    token, its BOS policy and assistant marker are what it renders."""
+    name = template_cfg.name
     source = template_cfg.chat_template or getattr(tokenizer, "chat_template", None)
     if not source:
-        raise TemplateError(f"template={template_cfg.name}: the model has no chat template of its own; "
+        raise TemplateError(f"template={name}: the model has no chat template of its own; "
                             "choose one with template=chatml (or llama3, ...)")
+    missing = missing_special_tokens(tokenizer, list(_cfg(template_cfg, "special_tokens", None) or []))
+    if missing:
+        raise TemplateError(
+            f"template={name} needs special token(s) the model's tokenizer lacks: {', '.join(missing)}. "
+            "Their embeddings would be untrained noise. Set template.add_missing_tokens=true to add them "
+            "and train their rows, or choose a template the model knows (template=native).")
     probe = ChatTemplate(source, "", tokenizer.bos_token or "", tokenizer.eos_token or "")
     end_of_turn = template_cfg.end_of_turn or infer_end_of_turn(probe, tokenizer)
-    ids = tokenizer.convert_tokens_to_ids([end_of_turn])
-    if not end_of_turn or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+    if not end_of_turn or missing_special_tokens(tokenizer, [end_of_turn]):
         raise TemplateError(f"template.end_of_turn={end_of_turn!r} is not a token of the model's tokenizer")
-    return ChatTemplate(source, end_of_turn, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    template = ChatTemplate(source, end_of_turn, tokenizer.bos_token or "", end_of_turn,
+                            bos=_cfg(template_cfg, "bos") or infer_bos(probe),
+                            assistant_start=_cfg(template_cfg, "assistant_start"), name=name)
+    check_rendering(template)
+    return template
+
+
+def infer_bos(template: ChatTemplate) -> str:
+    text = template.render(PROBE[1:])
+    return "template" if template.bos_token and text.startswith(template.bos_token) else "none"
+
+
+def check_rendering(template: ChatTemplate) -> None:
+    """The configured BOS policy and assistant marker are what the template really renders."""
+    name = f"template={template.name}" if template.name else "the template"
+    if template.bos not in BOS_POLICIES:
+        raise TemplateError(f"template.bos={template.bos!r} is not one of {', '.join(BOS_POLICIES)}")
+    text = template.render(PROBE)
+    starts = bool(template.bos_token) and text.startswith(template.bos_token)
+    if template.bos == "template" and not starts:
+        raise TemplateError(f"{name}: template.bos=template but the rendered text does not start with the "
+                            f"BOS token {template.bos_token!r}: write {{{{ bos_token }}}} first or set template.bos=none")
+    if template.bos == "none" and template.bos_token and text.startswith(template.bos_token * 2):
+        raise TemplateError(f"{name}: the rendered text starts with two BOS tokens {template.bos_token!r}")
+    prompt = template.render(PROBE[:2], add_generation_prompt=True)
+    if template.assistant_start and not prompt.endswith(template.assistant_start):
+        raise TemplateError(f"{name}: the generation prompt does not end with template.assistant_start="
+                            f"{template.assistant_start!r}:\n{prompt[-120:]!r}")
+
+
+def _single_token_id(tokenizer, token: str) -> Optional[int]:
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
+
+
+def missing_special_tokens(tokenizer, tokens: List[str]) -> List[str]:
+    """The tokens that the tokenizer does not read as one token of their own when they appear in text."""
+    return [t for t in tokens if _single_token_id(tokenizer, t) is None]
+
+
+def add_special_tokens(tokenizer, tokens: List[str]) -> Dict[str, int]:
+    """Add the missing ones as special tokens; returns {token: new id}. The caller resizes embeddings."""
+    missing = missing_special_tokens(tokenizer, tokens)
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in missing}
 
 
 def infer_end_of_turn(template: ChatTemplate, tokenizer) -> str:
@@ -85,8 +151,8 @@ def infer_end_of_turn(template: ChatTemplate, tokenizer) -> str:
     The tokenizer's eos_token is not trusted: SmolLM2's, read from its GGUF, says <|im_start|>,
     while its template ends turns with <|im_end|>. Training on the wrong one never stops.
     """
-    marker = "tunelab-probe-answer"
-    text = template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}])
+    marker = PROBE[-1]["content"]
+    text = template.render(PROBE[1:])
     tail = text[text.index(marker) + len(marker):]
     specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
     for i in range(len(tail)):

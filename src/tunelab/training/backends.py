@@ -69,8 +69,22 @@ def _target_modules(target) -> Any:
     return target if isinstance(target, str) else list(target)
 
 
-def _load_hf(cfg, base_dir: Path, plan: TrainingPlan):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def _lora_config(lora_cfg, model, tokenizer, added: dict):
+    """LoRA on the configured layers; special tokens added for the template get their embedding
+    rows resized in and trained (PEFT's trainable tokens), since LoRA alone would leave them noise."""
+    from peft import LoraConfig
+
+    extra = {}
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+        extra = {"trainable_token_indices": {"embed_tokens": sorted(added.values())},
+                 "ensure_weight_tying": bool(model.config.tie_word_embeddings)}
+    return LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      target_modules=_target_modules(lora_cfg.target_modules), task_type="CAUSAL_LM", **extra)
+
+
+def _load_hf(cfg, base_dir: Path, plan: TrainingPlan, tokenizer=None, added_tokens=None):
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": plan.dtype, "use_safetensors": True, "trust_remote_code": cfg.model.trust_remote_code}
@@ -82,14 +96,15 @@ def _load_hf(cfg, base_dir: Path, plan: TrainingPlan):
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     if plan.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing != "off")
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=_target_modules(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return get_peft_model(model, _lora_config(cfg.lora, model, tokenizer, added_tokens or {}))
 
 
-def _load_unsloth(cfg, base_dir: Path, plan: TrainingPlan):
+def _load_unsloth(cfg, base_dir: Path, plan: TrainingPlan, tokenizer=None, added_tokens=None):
     from unsloth import FastLanguageModel
 
+    if added_tokens:
+        raise RuntimeError(f"template.add_missing_tokens added {sorted(added_tokens)}: training new embedding rows "
+                           "is supported on training.backend=hf only")
     model, _ = FastLanguageModel.from_pretrained(
         model_name=str(base_dir), max_seq_length=cfg.training.max_seq_length, dtype=plan.dtype,
         load_in_4bit=plan.load_in_4bit, local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
@@ -112,11 +127,13 @@ def plan_training(cfg, base_dir: Path) -> TrainingPlan:
     return TrainingPlan(backend, reason, dtype, load_in_4bit, gc, gc_reason)
 
 
-def load_for_training(cfg, base_dir: Path, plan: Optional[TrainingPlan] = None):
-    """(peft model, plan): the base model with LoRA adapters as the plan says."""
+def load_for_training(cfg, base_dir: Path, plan: Optional[TrainingPlan] = None, tokenizer=None,
+                      added_tokens: Optional[dict] = None):
+    """(peft model, plan): the base model with LoRA adapters as the plan says. Tokens the template
+    added to `tokenizer` (added_tokens: text -> id) get embedding rows that are trained too."""
     plan = plan or plan_training(cfg, base_dir)
     loader = _load_unsloth if plan.backend == "unsloth" else _load_hf
-    return loader(cfg, base_dir, plan), plan
+    return loader(cfg, base_dir, plan, tokenizer, added_tokens), plan
 
 
 def _cuda() -> bool:
