@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from tunelab.data.formats import Conversation, Message, Problem
-from tunelab.templates.chat import TemplateError, template_from_config, tokenize_conversation
+from tunelab.templates.chat import TemplateError, template_from_config, template_tokenizer, tokenize_conversation
 
 
 class LengthMeter:
@@ -20,7 +20,8 @@ class LengthMeter:
     def from_config(cls, cfg, paths) -> "LengthMeter":
         from tunelab.models.source import load_tokenizer, resolve_model
 
-        tokenizer = load_tokenizer(resolve_model(cfg.model, paths), cfg.model.trust_remote_code)
+        base_dir = resolve_model(cfg.model, paths)
+        tokenizer, _ = template_tokenizer(cfg.template, lambda: load_tokenizer(base_dir, cfg.model.trust_remote_code))
         return cls(template_from_config(cfg.template, tokenizer), tokenizer, cfg.training.max_seq_length)
 
     def encode(self, messages: List[Message]) -> Dict[str, List[int]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from tunelab.data.formats import read_prepared
 from tunelab.models.source import load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
-from tunelab.templates.chat import TemplateError, add_special_tokens, template_from_config, tokenize_conversation
+from tunelab.templates.chat import TemplateError, template_from_config, template_tokenizer, tokenize_conversation
 from tunelab.templates.parity import training_contract
 from tunelab.training.backends import load_for_training, plan_training
 
@@ -103,16 +103,6 @@ def _sft_config(training_cfg, out_dir: Path, plan):
     )
 
 
-def _training_tokenizer(cfg, base_dir: Path):
-    """The model's tokenizer, plus the template's special tokens it lacks when
-    template.add_missing_tokens is set (else template_from_config refuses them by name)."""
-    tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-    if not cfg.template.add_missing_tokens:
-        return tokenizer, {}
-    wanted = list(cfg.template.special_tokens) + ([cfg.template.end_of_turn] if cfg.template.end_of_turn else [])
-    return tokenizer, add_special_tokens(tokenizer, wanted)
-
-
 def make_trainer(cfg, model, tokenizer, dataset, out_dir: Path, plan, callbacks=()):
     """TRL's SFTTrainer for an already tokenized dataset (input_ids + labels)."""
     return _trainer_class()(model=model, args=_sft_config(cfg.training, out_dir, plan),
@@ -127,7 +117,7 @@ def run(cfg, paths: RunPaths) -> dict:
         torch.set_num_threads(cfg.training.threads)
     base_dir = resolve_model(cfg.model, paths)
     plan = plan_training(cfg, base_dir)  # imports Unsloth first when it is the backend
-    tokenizer, added = _training_tokenizer(cfg, base_dir)
+    tokenizer, added = template_tokenizer(cfg.template, lambda: load_tokenizer(base_dir, cfg.model.trust_remote_code))
     template = template_from_config(cfg.template, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = template.end_of_turn  # padding carries no loss: labels are -100 there

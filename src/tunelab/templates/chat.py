@@ -145,6 +145,17 @@ def add_special_tokens(tokenizer, tokens: List[str]) -> Dict[str, int]:
     return {t: tokenizer.convert_tokens_to_ids(t) for t in missing}
 
 
+def template_tokenizer(template_cfg, load):
+    """The model's tokenizer (`load()`), plus the template's special tokens it lacks when
+    template.add_missing_tokens is set (else template_from_config refuses them by name).
+    Returns (tokenizer, {added token: id}); prepare's length check and training share it."""
+    tokenizer = load()
+    if not template_cfg.add_missing_tokens:
+        return tokenizer, {}
+    wanted = list(template_cfg.special_tokens) + ([template_cfg.end_of_turn] if template_cfg.end_of_turn else [])
+    return tokenizer, add_special_tokens(tokenizer, wanted)
+
+
 def infer_end_of_turn(template: ChatTemplate, tokenizer) -> str:
     """The first special token the template writes after an assistant's content.
 
