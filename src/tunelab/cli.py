@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -24,7 +25,26 @@ def config_dir() -> Path:
     raise SystemExit("tunelab: no conf/config.yaml here; run from the project root or set TUNELAB_CONF")
 
 
-def _task(cfg: DictConfig) -> None:
+def _job_context(cfg: DictConfig):
+    """Tags naming the overrides of this run; in a sweep, the job's own run_dir and parent run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from tunelab import sweep
+
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    tags = {"tunelab.overrides": " ".join(overrides) or "(none)"}
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return False, None, tags
+    tags["tunelab.sweep_job"] = str(hydra_cfg.job.num)
+    if not any(o.lstrip("+").startswith("paths.run_dir=") for o in overrides):
+        cfg.paths.run_dir = hydra_cfg.runtime.output_dir  # jobs must not share files
+    return True, sweep.parent_run_id(hydra_cfg.runtime.output_dir), tags
+
+
+def _task(cfg: DictConfig) -> Optional[float]:
+    """One run (or one sweep job). Returns sweep.objective's value, which Optuna maximises/minimises."""
     from rich.console import Console
     from rich.text import Text
 
@@ -34,18 +54,22 @@ def _task(cfg: DictConfig) -> None:
     from tunelab.templates.chat import TemplateError
     from tunelab.templates.parity import ParityError
 
+    multirun, parent_run_id, tags = _job_context(cfg)
     try:
-        pipeline.run(cfg)
+        results = pipeline.run(cfg, parent_run_id=parent_run_id, extra_tags=tags)
     except (ConfigError, DataError, FileNotFoundError, TemplateError, ParityError) as err:
         # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
         # line breaks inside a long file:line, so every message stays one greppable line.
         message = Text.assemble((f"tunelab: {type(err).__name__}", "bold red"), f": {err}")
         Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+        if multirun:
+            raise  # Hydra marks this job FAILED and goes on with the others
         sys.exit(2)
+    return pipeline.objective_value(cfg, results)
 
 
 # name -> module under tunelab.commands with a main(argv: list[str]) -> int
-SUBCOMMANDS: dict = {"data": "data", "serve": "serve"}
+SUBCOMMANDS: dict = {"data": "data", "serve": "serve", "runs": "runs", "reproduce": "reproduce"}
 
 
 def main() -> None:
@@ -57,7 +81,16 @@ def main() -> None:
     register_configs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)
-    app()
+    from tunelab import runstate, sweep
+
+    try:
+        with runstate.sigterm_raises():
+            app()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: runs and the sweep end KILLED
+        sweep.finish(interrupted=True)
+        sys.exit(runstate.exit_code(interrupt))
+    finally:
+        sweep.finish(interrupted=False)  # a failed sweep: Hydra exits before its end callback
 
 
 if __name__ == "__main__":

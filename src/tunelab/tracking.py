@@ -1,19 +1,24 @@
-"""The only module that imports mlflow. One MLflow run per pipeline execution.
+"""The only module that imports mlflow. One MLflow run per pipeline execution, one parent run per sweep.
 
 Stages write files; the pipeline hands each stage's result here, and this module decides what of
-it becomes params, metrics, tags and artifacts. A run always ends FINISHED, FAILED or KILLED.
+it becomes params, metrics, tags and artifacts. A run always ends FINISHED, FAILED or KILLED:
+an exception logs its traceback and ends FAILED; Ctrl-C or SIGTERM end KILLED; a run left RUNNING
+by a process that died (SIGKILL) is marked KILLED by the next tunelab command that opens the store.
 """
 from __future__ import annotations
 
 import json
+import traceback
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab import runstate
 from tunelab.paths import RunPaths
+from tunelab.provenance import git_state, package_versions
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -27,36 +32,97 @@ def flatten(data, prefix: str = "") -> dict:
     return flat
 
 
+def _client(tracking_cfg):
+    """A client on the configured store, after marking runs of dead processes KILLED."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_cfg.uri)
+    client = MlflowClient(tracking_uri=tracking_cfg.uri)
+    mark_stale_runs(client)
+    return client
+
+
+def _experiment_id(client, tracking_cfg, name: Optional[str] = None) -> str:
+    name = name or tracking_cfg.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_uri(tracking_cfg.artifact_location, name))
+
+
+def mark_stale_runs(client) -> List[str]:
+    """RUNNING runs whose process (on this host) is gone end KILLED; returns their ids."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    stale = []
+    if not experiments:
+        return stale
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if "tunelab.pid" in tags and runstate.process_gone(tags.get("tunelab.host", ""), tags["tunelab.pid"],
+                                                          tags.get("tunelab.pid_started", "")):
+            client.set_tag(run.info.run_id, "tunelab.ended_by", f"process {tags['tunelab.pid']} was gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            stale.append(run.info.run_id)
+    return stale
+
+
+def _origin_tags() -> dict:
+    process, git = runstate.this_process(), git_state()
+    tags = {"tunelab.host": process["host"], "tunelab.pid": process["pid"], "tunelab.pid_started": process["started"],
+            "tunelab.git_commit": git["commit"], "tunelab.git_dirty": git["dirty"]}
+    tags.update({f"tunelab.version.{name}": version for name, version in package_versions().items()})
+    return tags
+
+
+def _log_failure(client, run_id: str) -> None:
+    """The traceback as an artifact and the error as a tag; never hides the original error."""
+    try:
+        client.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+        client.set_tag(run_id, "tunelab.error", traceback.format_exc(limit=0).strip()[-4000:])
+    except Exception:  # noqa: BLE001 - the store may be the thing that failed
+        pass
+
+
 class Tracker:
     def __init__(self, tracking_cfg):
         self.cfg = tracking_cfg
         self.run_id: Optional[str] = None
 
     @contextmanager
-    def run(self, cfg: DictConfig, tags: dict, run_name: str):
+    def run(self, cfg: DictConfig, tags: dict, run_name: str, parent_run_id: Optional[str] = None):
         if not self.cfg.enabled:
-            yield self
+            with runstate.sigterm_raises():
+                yield self
             return
         import mlflow
 
-        mlflow.set_tracking_uri(self.cfg.uri)
-        experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
-        experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
-            self.cfg.experiment, artifact_location=_artifact_uri(self.cfg.artifact_location, self.cfg.experiment))
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        client = _client(self.cfg)
+        tags = {**tags, **_origin_tags(), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        active = mlflow.start_run(experiment_id=_experiment_id(client, self.cfg), run_name=run_name, tags=tags)
         self.run_id = active.info.run_id
         status = "FAILED"
         try:
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            mlflow.log_params(flatten(resolved))
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            yield self
+            with runstate.sigterm_raises():
+                resolved = OmegaConf.to_container(cfg, resolve=True)
+                mlflow.log_params(flatten(resolved))
+                mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                yield self
             status = "FINISHED"
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (runstate.Terminated)
             status = "KILLED"
+            raise
+        except BaseException:
+            _log_failure(client, self.run_id)
             raise
         finally:
             mlflow.end_run(status=status)
+
+    def set_tags(self, tags: dict) -> None:
+        if self.run_id:
+            import mlflow
+
+            mlflow.set_tags(tags)
 
     def log_stage(self, stage: str, result: dict, paths: RunPaths, cfg: DictConfig) -> None:
         if not self.cfg.enabled:
@@ -123,6 +189,75 @@ class Tracker:
         if keep:
             mlflow.log_table({key: [row[key] for row in keep] for key in keep[0]}, "samples.json")
         mlflow.log_artifact(str(paths.metrics_json), "evaluate")
+
+
+# --- sweeps: a parent run per `tunelab -m ...`, the jobs nested under it (mlflow.parentRunId) ---
+
+def start_sweep_run(tracking_cfg, run_name: str, tags: dict) -> str:
+    client = _client(tracking_cfg)
+    run = client.create_run(_experiment_id(client, tracking_cfg), run_name=run_name,
+                            tags={**tags, **_origin_tags(), "tunelab.kind": "sweep"})
+    return run.info.run_id
+
+
+def finish_sweep_run(tracking_cfg, parent_run_id: str, interrupted: bool) -> List[dict]:
+    """End the parent run (FAILED if any job did not finish, KILLED if interrupted); returns the jobs."""
+    client = _client(tracking_cfg)
+    parent = client.get_run(parent_run_id)
+    jobs = [_summary(r) for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"], max_results=10000)]
+    failed = [job for job in jobs if job["status"] != "FINISHED"]
+    client.log_dict(parent_run_id, {"jobs": jobs}, "sweep_summary.json")
+    client.set_tag(parent_run_id, "tunelab.jobs", str(len(jobs)))
+    client.set_tag(parent_run_id, "tunelab.failed_jobs", str(len(failed)))
+    client.set_terminated(parent_run_id, status="KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    return jobs
+
+
+# --- reading runs back (tunelab runs, tunelab reproduce) ---
+
+def _summary(run) -> dict:
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+            "start_time": run.info.start_time, "experiment_id": run.info.experiment_id,
+            "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+
+
+def list_runs(tracking_cfg, experiment: str) -> List[dict]:
+    """The runs of one experiment, newest first (stale RUNNING ones marked KILLED first)."""
+    client = _client(tracking_cfg)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
+    return [_summary(r) for r in runs]
+
+
+def find_runs_by_hash(tracking_cfg, prefix: str) -> List[dict]:
+    """Runs, in any experiment, whose config hash starts with prefix (a hex string), newest first."""
+    client = _client(tracking_cfg)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(experiments, f"tags.`tunelab.config_hash` LIKE '{prefix}%'",
+                              order_by=["attributes.start_time DESC"], max_results=5000)
+    return [_summary(r) for r in runs]
+
+
+def get_run(tracking_cfg, run_id: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    return _summary(MlflowClient(tracking_uri=tracking_cfg.uri).get_run(run_id))
+
+
+def read_artifact_text(tracking_cfg, run_id: str, artifact_path: str) -> str:
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = MlflowClient(tracking_uri=tracking_cfg.uri).download_artifacts(run_id, artifact_path, tmp)
+        return Path(local).read_text()
 
 
 def _artifact_uri(location: Optional[str], experiment: str) -> Optional[str]:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def tunelab(tmp_path, *overrides):
     cmd = [sys.executable, "-m", "tunelab", "experiment=smoke", f"paths.run_dir={tmp_path}/run",
            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts",
-           *overrides]
+           f"cache.dir={tmp_path}/stages", *overrides]  # a fresh stage cache: every stage really runs
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 

@@ -13,3 +13,13 @@ def test_hash_changes_with_a_value_or_the_data():
     a = OmegaConf.create({"lora": {"r": 8}})
     assert config_hash(a, "d") != config_hash(OmegaConf.create({"lora": {"r": 16}}), "d")
     assert config_hash(a, "d") != config_hash(a, "e")
+
+
+def test_hash_ignores_logging_caching_and_the_sweep_objective():
+    a = OmegaConf.create({"training": {"lr": 1, "logging_steps": 5}, "eval": {"samples_to_log": 20},
+                          "cache": {"enabled": True}, "sweep": {"objective": "x"}})
+    b = OmegaConf.create({"training": {"lr": 1, "logging_steps": 1}, "eval": {"samples_to_log": 4},
+                          "cache": {"enabled": False}, "sweep": {"objective": "y"}})
+    assert config_hash(a, "d") == config_hash(b, "d")
+    b.training.lr = 2
+    assert config_hash(a, "d") != config_hash(b, "d")

@@ -156,9 +156,21 @@ def check_template(cfg) -> List[str]:
     return problems
 
 
+def check_sweep(cfg) -> List[str]:
+    parts = cfg.sweep.objective.split(".", 2)
+    example = f"finetuned.{cfg.quantization.ship}.{cfg.eval.headline}"
+    if len(parts) != 3:
+        return [f"sweep.objective={cfg.sweep.objective!r} must be <variant>.<quant>.<metric>, e.g. {example}"]
+    variant, quant, metric = parts
+    problems = _choice("sweep.objective's variant", variant, ("finetuned", "base"))
+    problems += _choice("sweep.objective's quantization", quant, list(cfg.quantization.types))
+    problems += _choice("sweep.objective's metric", metric, [*cfg.eval.metrics, "file_size"])
+    return problems
+
+
 CHECKS: List[Callable[[DictConfig], List[str]]] = [
     check_stage, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training,
-    check_eval, check_template,
+    check_eval, check_template, check_sweep,
 ]
 
 

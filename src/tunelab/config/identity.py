@@ -1,7 +1,7 @@
 """The config hash: a stable identity of what a run computes.
 
 Canonical JSON (sorted keys) of the resolved config, without the fields that do not change the
-result (where outputs go, tracking, which stage runs), plus the dataset's content hash.
+result (where outputs go, tracking, caching, which stage runs, how often to log), plus the dataset's content hash.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-IGNORED_KEYS = ("paths", "tracking", "stage", "hydra")
+IGNORED_KEYS = ("paths", "tracking", "stage", "hydra", "cache", "sweep")
+# Fields that change what is logged, not what is computed.
+IGNORED_FIELDS = (("training", "logging_steps"), ("eval", "samples_to_log"))
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -52,6 +54,9 @@ def identity_dict(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED_KEYS:
         data.pop(key, None)
+    for section, key in IGNORED_FIELDS:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
     return data
 
 

@@ -197,6 +197,19 @@ class PathsConfig:
 
 
 @dataclass
+class CacheConfig:
+    # Reuse a stage's outputs when its config sections, input files and code are unchanged.
+    enabled: bool = True
+    dir: str = "${paths.cache_dir}/stages"
+
+
+@dataclass
+class SweepConfig:
+    # The metric a sweep optimises (Optuna) and `tunelab runs` sorts by: <variant>.<quant>.<metric>.
+    objective: str = "finetuned.${quantization.ship}.${eval.headline}"
+
+
+@dataclass
 class Config:
     name: str = MISSING
     # all | prepare | train | export | evaluate
@@ -210,6 +223,8 @@ class Config:
     eval: EvalConfig = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:

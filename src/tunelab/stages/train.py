@@ -112,6 +112,7 @@ def make_trainer(cfg, model, tokenizer, dataset, out_dir: Path, plan, callbacks=
 def run(cfg, paths: RunPaths) -> dict:
     """Train a LoRA adapter; write it, its tokenizer and loss.jsonl under paths.train_dir."""
     import torch
+    from transformers import set_seed
 
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
@@ -124,6 +125,7 @@ def run(cfg, paths: RunPaths) -> dict:
     conversations = read_prepared(paths.train_jsonl)
     dataset = build_dataset(conversations, template, tokenizer, cfg.training.max_seq_length)
     contract = training_contract(template, tokenizer, dataset["labels"], conversations, added)
+    set_seed(cfg.training.seed)  # LoRA's A matrices are random: seed them, or no two runs match
     model, plan = load_for_training(cfg, base_dir, plan, tokenizer=tokenizer, added_tokens=added)
 
     paths.train_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,78 @@
+"""Sweeps (`tunelab -m ...`): one MLflow parent run per sweep, every job a child run under it.
+
+A Hydra callback (conf/config.yaml, hydra.callbacks) starts the parent run when the sweep starts
+and leaves its id in the sweep directory, where every job finds it, whichever launcher ran the job
+(in this process, in joblib workers, or as submitit/SLURM jobs on a shared file system). When the
+sweep ends, normally or because a job failed (Hydra then exits before its end callback) or was
+interrupted, `finish` ends the parent run and prints what failed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab import tracking
+
+MARKER = ".tunelab-sweep.json"
+_active: dict = {}  # the sweep this process started: its tracking config and parent run id
+
+
+class MlflowSweepCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not config.tracking.enabled:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        tracking_cfg = OmegaConf.create(OmegaConf.to_container(config.tracking, resolve=True))
+        arguments = " ".join(config.hydra.overrides.task)
+        run_id = tracking.start_sweep_run(tracking_cfg, run_name=f"{config.name}-sweep-{sweep_dir.name}", tags={
+            "tunelab.experiment": config.name, "tunelab.sweep_dir": str(sweep_dir),
+            "tunelab.sweep_arguments": arguments or "(none)"})
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / MARKER).write_text(json.dumps({"parent_run_id": run_id}))
+        _active.update(tracking=tracking_cfg, run_id=run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        finish(interrupted=False)
+
+
+def parent_run_id(job_output_dir: str) -> Optional[str]:
+    """The parent run of the sweep a job belongs to: the marker in a folder above the job's folder."""
+    for folder in list(Path(job_output_dir).resolve().parents)[:3]:
+        if (folder / MARKER).is_file():
+            return json.loads((folder / MARKER).read_text())["parent_run_id"]
+    return None
+
+
+def finish(interrupted: bool) -> None:
+    """End the sweep this process started (if any) and print a summary of its jobs."""
+    if not _active:
+        return
+    tracking_cfg, run_id = _active.pop("tracking"), _active.pop("run_id")
+    jobs = tracking.finish_sweep_run(tracking_cfg, run_id, interrupted)
+    print_summary(jobs, run_id)
+
+
+def print_summary(jobs: List[dict], parent_run_id: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    failed = [job for job in jobs if job["status"] != "FINISHED"]
+    table = Table(title=f"sweep {parent_run_id}: {len(jobs)} jobs, {len(failed)} did not finish")
+    for column in ("job", "status", "config hash", "overrides", "error"):
+        table.add_column(column)
+    overrides = [job["tags"].get("tunelab.overrides", "").split(" ") for job in jobs]
+    shared = set.intersection(*map(set, overrides)) if len(jobs) > 1 else set()
+    for job, own in zip(jobs, overrides):
+        tags = job["tags"]
+        error = " ".join(tags.get("tunelab.error", "").split())  # the exception's type and message, one line
+        table.add_row(tags.get("tunelab.sweep_job", "?"), job["status"], tags.get("tunelab.config_hash", "")[:12],
+                      " ".join(o for o in own if o not in shared), error[:200],
+                      style="red" if job["status"] != "FINISHED" else None)
+    Console(stderr=bool(failed)).print(table)
+    if failed:
+        Console(stderr=True).print("[bold red]failed jobs keep their traceback in MLflow: artifact "
+                                   "error/traceback.txt of each run above[/]")
