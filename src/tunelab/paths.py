@@ -82,6 +82,10 @@ class RunPaths:
     def generations_jsonl(self) -> Path:
         return self.evaluate_dir / "generations.jsonl"
 
+    @property
+    def evaluation_summary(self) -> Path:
+        return self.evaluate_dir / "summary.json"
+
     # shared cache
     def model_cache(self, name: str) -> Path:
         return self.cache_dir / "models" / name

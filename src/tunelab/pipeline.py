@@ -6,12 +6,14 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from tunelab.config.checks import validate
 from tunelab.cache import StageCache, stage_key
 from tunelab.config.identity import config_hash, file_sha256
 from tunelab.data.sources import dataset_sha256
+from tunelab.eval.report import metric_columns, report_rows
 from tunelab.paths import RunPaths
 from tunelab.stages import evaluate, export, prepare, train
 from tunelab.tracking import Tracker
@@ -105,8 +107,10 @@ def verdict_lines(summary: dict) -> str:
     verdict, headline = summary["verdict"], summary["headline"]
     lines = []
     for quant in verdict["broken"]:
-        lines.append(f"[bold red]{quant} broke the model[/]: its {headline} is below {verdict['floor']:.3f} "
-                     f"({verdict['reference']} minus quantization.max_drop)")
+        lines.append(f"[bold red]{quant} broke the model[/]: " + "; ".join(verdict["reasons"][quant])
+                     + f" (against {verdict['reference']})")
+    if summary.get("kl_floor_unchecked"):
+        lines.append("quantization.max_kl was not checked: eval.logit_metrics=false measures no KL divergence")
     if verdict["ship"] is None:
         lines.append("[bold red]no exported file holds up: do not ship this run[/]")
     else:
@@ -114,25 +118,52 @@ def verdict_lines(summary: dict) -> str:
         scores = summary["metrics"]["finetuned"][verdict["ship"]]
         base = summary["metrics"].get("base", {}).get(verdict["ship"], {}).get(headline)
         versus = f" (base model: {base:.3f})" if base is not None else ""
-        lines.append(f"[bold]ship {verdict['ship']}{note}[/]: {headline} {scores[headline]:.3f}{versus}")
+        lines.append(f"[bold]ship {verdict['ship']}{note}[/]: {headline} {scores[headline]:.3f}{versus}  "
+                     f"{verdict.get('ship_path') or ''}")
     return "\n".join(lines)
 
 
-def metrics_table(summary: dict) -> Table:
-    """One row per metric, one column per (model, GGUF type): fits a terminal."""
-    metrics = summary["metrics"]
-    columns = [(variant, quant) for variant, per_quant in metrics.items() for quant in per_quant]
-    table = Table(title=f"evaluation on {summary['eval_rows']} held-out rows (ship: {summary['ship']})")
-    table.add_column("metric")
-    for variant, quant in columns:
-        table.add_column(f"{variant}\n{quant}", justify="right")
-    for name in metrics[columns[0][0]][columns[0][1]]:
-        style = "bold" if name == summary["headline"] else None
-        table.add_row(name, *(_fmt(metrics[v][q][name]) for v, q in columns), style=style)
-    return table
+def metrics_table(summary: dict, width: int = None) -> Table:
+    """One row per (model, GGUF type), columns: metrics (headline first), logit scores, size, speed.
+    Where that is wider than the terminal, the same table transposed (one row per metric)."""
+    rows, columns = report_rows(summary), metric_columns(summary)
+    title = f"evaluation on {summary['eval_rows']} held-out rows (ship: {summary['ship']})"
+    table = Table(title=title)
+    for name in ("model", "quant", *columns, "status"):
+        # spaces let rich wrap a long metric name instead of cutting it
+        table.add_column(_title(name), justify="left" if name in ("model", "quant") else "right",
+                         style="bold" if name == summary["headline"] else None)
+    for row in rows:
+        table.add_row(row["model"], row["quant"], *(_fmt(name, row[name]) for name in columns), row["status"],
+                      style="red" if row["status"] == "BROKEN" else None)
+    unclipped = console.options.update(max_width=10**6)
+    if Measurement.get(console, unclipped, table).minimum <= (width or console.width):
+        return table
+    transposed = Table(title=title)
+    transposed.add_column("metric")
+    for row in rows:
+        transposed.add_column(f"{row['model']}\n{row['quant']}", justify="right",
+                              style="red" if row["status"] == "BROKEN" else None)
+    for name in columns:
+        transposed.add_row(_title(name).replace("\n", " "), *(_fmt(name, row[name]) for row in rows),
+                           style="bold" if name == summary["headline"] else None)
+    transposed.add_row("status", *(row["status"] for row in rows))
+    return transposed
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float) and 0.0 <= value <= 1.0:
-        return f"{value:.3f}"
-    return f"{value / 1e6:,.1f} MB" if value >= 1e5 else f"{value:.2f}"
+COLUMN_TITLES = {"file_size": "size MB", "prompt_tokens_per_s": "prompt tok/s", "gen_tokens_per_s": "gen tok/s",
+                 "kl_divergence": "KL vs ref", "top1_agreement": "top-1 agree", "perplexity": "ppl (ref)"}
+
+
+def _title(name: str) -> str:
+    return COLUMN_TITLES.get(name, name.replace("_", " "))
+
+
+def _fmt(name: str, value) -> str:
+    if value is None:
+        return "-"
+    if name == "file_size":
+        return f"{value / 1e6:,.1f}"
+    if name == "kl_divergence":
+        return f"{value:.4g}"
+    return f"{value:.3f}" if isinstance(value, float) and 0.0 <= value <= 1.0 else f"{value:,.2f}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import traceback
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -174,21 +173,20 @@ class Tracker:
     def _log_evaluate(self, result, paths, cfg):
         import mlflow
 
-        flat = {f"{variant}.{quant}.{name}": value
-                for variant, per_quant in result["metrics"].items()
-                for quant, scores in per_quant.items() for name, value in scores.items()}
-        mlflow.log_metrics(flat)
+        from tunelab.eval.report import quality_size_figure, report_rows, side_by_side
+
+        rows = report_rows(result)
+        mlflow.log_metrics({f"{row['model']}.{row['quant']}.{name}": value for row in rows
+                            for name, value in row.items() if isinstance(value, (int, float))})
         verdict = result["verdict"]
         mlflow.set_tags({"tunelab.ship": str(verdict["ship"]), "tunelab.broken_quantizations": ",".join(verdict["broken"])})
-        rows = [json.loads(line) for line in paths.generations_jsonl.read_text().splitlines()]
-        per_file, keep = Counter(), []
-        for row in rows:
-            per_file[(row["variant"], row["quant"])] += 1
-            if per_file[(row["variant"], row["quant"])] <= cfg.eval.samples_to_log:
-                keep.append(row)
-        if keep:
-            mlflow.log_table({key: [row[key] for row in keep] for key in keep[0]}, "samples.json")
+        mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "evaluate/report.json")
+        mlflow.log_figure(quality_size_figure(result), "plots/quality_vs_size.png")
+        generations = [json.loads(line) for line in paths.generations_jsonl.read_text().splitlines()]
+        if generations:
+            mlflow.log_table(side_by_side(generations, cfg.eval.samples_to_log), "samples.json")
         mlflow.log_artifact(str(paths.metrics_json), "evaluate")
+        mlflow.log_artifact(str(paths.evaluation_summary), "evaluate")
 
 
 # --- sweeps: a parent run per `tunelab -m ...`, the jobs nested under it (mlflow.parentRunId) ---

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,10 @@ def mlflow_runs(tmp):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     experiment = client.get_experiment_by_name("smoke")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def artifact_json(client, run_id, path, into):
+    return json.loads(Path(client.download_artifacts(run_id, path, str(into))).read_text())
 
 
 def test_prepare_writes_sharegpt_jsonl(smoke_run):
@@ -78,9 +83,14 @@ def test_evaluate_scores_finetuned_and_base_per_gguf(smoke_run):
     for variant in metrics.values():
         assert set(variant) == {"f16", "q5_k_m"}
         assert 0.0 <= variant["f16"]["all_caps_rate"] <= 1.0
+        assert variant["f16"]["perplexity"] > 1.0 and "kl_divergence" not in variant["f16"]  # f16 is the reference
+        assert variant["q5_k_m"]["kl_divergence"] >= 0.0 and 0.0 <= variant["q5_k_m"]["top1_agreement"] <= 1.0
+    speed = json.loads((tmp / "run/evaluate/summary.json").read_text())["speed"]
+    assert all(s["gen_tokens_per_s"] > 0 and s["prompt_tokens_per_s"] > 0 for v in speed.values() for s in v.values())
     generations = (tmp / "run/evaluate/generations.jsonl").read_text().splitlines()
     assert len(generations) == 4 * 4
-    assert "all_caps_rate" in done.stdout and "run directory" in done.stdout
+    assert "all caps rate" in done.stdout and "KL vs ref" in done.stdout and "run directory" in done.stdout
+    assert "ship q5_k_m" in done.stdout or "broke the model" in done.stdout
 
 
 def test_mlflow_holds_one_finished_run_with_metrics_and_artifacts(smoke_run):
@@ -93,8 +103,14 @@ def test_mlflow_holds_one_finished_run_with_metrics_and_artifacts(smoke_run):
     assert run.data.params["lora.r"] == "16" and run.data.params["model.source"] == "tiny"
     assert "finetuned.q5_k_m.all_caps_rate" in run.data.metrics and "base.f16.success_rate" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "train.loss")) == 3
+    assert "finetuned.q5_k_m.kl_divergence" in run.data.metrics and "base.f16.gen_tokens_per_s" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "samples.json", "gguf", "plots", "adapter"} <= artifacts
+    assert {"plots/quality_vs_size.png", "plots/train_loss.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    samples = artifact_json(client, run.info.run_id, "samples.json", tmp)
+    assert samples["columns"] == ["prompt", "reference", "base.f16", "base.q5_k_m", "finetuned.f16", "finetuned.q5_k_m"]
+    report = artifact_json(client, run.info.run_id, "evaluate/report.json", tmp)
+    assert [row[:2] for row in report["data"]] == [["finetuned", "f16"], ["finetuned", "q5_k_m"], ["base", "f16"], ["base", "q5_k_m"]]
     ggufs = {a.path for a in client.list_artifacts(run.info.run_id, "gguf")}
     assert ggufs == {"gguf/model.f16.gguf", "gguf/model.q5_k_m.gguf"}
 

@@ -8,6 +8,7 @@ from typing import Callable, List
 from omegaconf import DictConfig
 
 from tunelab.templates.chat import BOS_POLICIES
+from tunelab.eval.registry import metric_problems
 
 STAGES = ("all", "prepare", "train", "export", "evaluate")
 QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
@@ -108,6 +109,10 @@ def check_quantization(cfg) -> List[str]:
         problems.append("quantization.types is empty: name at least one type, e.g. [f16]")
     if q.ship not in q.types:
         problems.append(f"quantization.ship={q.ship!r} is not in quantization.types={list(q.types)}")
+    if q.max_drop < 0:
+        problems.append(f"quantization.max_drop={q.max_drop} must be >= 0")
+    if q.max_kl is not None and q.max_kl < 0:
+        problems.append(f"quantization.max_kl={q.max_kl} must be >= 0 or null")
     return problems
 
 
@@ -131,9 +136,7 @@ def check_eval(cfg) -> List[str]:
     problems = []
     if not e.metrics:
         problems.append("eval.metrics is empty: name at least one metric")
-    for name, spec in e.metrics.items():
-        if "_target_" not in spec:
-            problems.append(f"eval.metrics.{name} needs a _target_ (a dotted path to a callable)")
+    problems += metric_problems(e.metrics)
     if e.metrics and e.headline not in e.metrics:
         problems.append(f"eval.headline={e.headline!r} is not one of eval.metrics: {', '.join(e.metrics)}")
     if e.max_new_tokens < 1:
@@ -142,14 +145,18 @@ def check_eval(cfg) -> List[str]:
 
 
 # The template contract's check 5: every run measures whether answers stop on the end-of-turn token
-# and are free of role names and special-token text.
-TEMPLATE_METRICS = ("stop_by_eot_rate", "artifact_free_rate")
+# and are free of role names and special-token text (by whichever name the eval config gives them).
+TEMPLATE_METRICS = {
+    "stop_by_eot_rate": ("tunelab.eval.metrics.stop_by_eot_rate",),
+    "artifact_free_rate": ("tunelab.eval.metrics.artifact_free_rate", "tunelab.eval.metrics.template_artifact_rate"),
+}
 
 
 def check_template(cfg) -> List[str]:
     t = cfg.template
     problems = [] if t.bos is None else _choice("template.bos", t.bos, BOS_POLICIES)
-    missing = [m for m in TEMPLATE_METRICS if m not in cfg.eval.metrics]
+    targets = {str(spec.get("_target_")) for spec in cfg.eval.metrics.values() if hasattr(spec, "get")}
+    missing = [name for name, accepted in TEMPLATE_METRICS.items() if not targets & set(accepted)]
     if missing:
         problems.append(f"eval.metrics lacks {', '.join(missing)}: every run measures how answers stop and "
                         "whether the template leaks into them (tunelab.eval.metrics)")

@@ -136,6 +136,9 @@ class QuantizationConfig:
     # A quantized file whose headline metric falls more than this below the reference (f16/bf16/f32)
     # is flagged as broken in the report, and the summary names the file to ship instead.
     max_drop: float = 0.05
+    # Also flagged: a mean KL divergence of its next-token distribution from the reference's, on the
+    # reference answers, above this (null: no KL floor; not checked when eval.logit_metrics=false).
+    max_kl: Optional[float] = None
 
 
 @dataclass
@@ -172,8 +175,12 @@ class EvalConfig:
     n_ctx: int = 512
     threads: Optional[int] = None
     evaluate_base: bool = True
-    # name -> {_target_: dotted.path.to.callable}; each callable gets the list of Generation
+    # name -> {_target_: dotted.path.to.callable, **its keyword arguments}; each callable gets the
+    # list of Generation (see tunelab.eval.metrics for the built-ins)
     metrics: Dict[str, Any] = field(default_factory=dict)
+    # Perplexity of the reference answers per GGUF and KL divergence from the reference GGUF, from
+    # llama.cpp's logits (one forward pass over each eval row per GGUF).
+    logit_metrics: bool = True
     # The headline metric printed at the end of a run.
     headline: str = "success_rate"
     samples_to_log: int = 20

@@ -1,33 +1,103 @@
-"""evaluate: answer the eval split with every exported GGUF (fine-tuned and base) and score it."""
+"""evaluate: every exported GGUF (fine-tuned and base, each quantization type) answers the eval split
+and is scored: the configured metrics on its answers, the perplexity of the reference answers and the
+KL divergence from the reference GGUF (f16) from llama.cpp's logits, its generation speed and size.
+
+One loaded model per GGUF serves generation, logits and speed. Writes evaluate/metrics.json
+({model: {quant: {name: number}}}: what DVC reads, the same for the same files and answers),
+evaluate/generations.jsonl and evaluate/summary.json (speed per GGUF, which files broke, which to ship).
+"""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Dict, List, Optional
 
-from hydra.utils import get_method
 from rich.progress import Progress
 
 from tunelab.data.formats import read_prepared
-from tunelab.eval.generate import generate, load_gguf
+from tunelab.eval.generate import embedded_template, generate, load_gguf
+from tunelab.eval.logits import ReferenceLogprobs, answer_sequences, score_answers
+from tunelab.eval.metrics import higher_is_better
+from tunelab.eval.registry import metrics_from_config
 from tunelab.paths import RunPaths
 
+# The widest type a run exports is the reference that quantized files are compared with.
+REFERENCE_TYPES = ("f32", "bf16", "f16")
 
-def _metric_functions(eval_cfg) -> dict:
-    return {name: get_method(spec["_target_"]) for name, spec in eval_cfg.metrics.items()}
+
+def reference_quant(quants) -> Optional[str]:
+    return next((q for q in REFERENCE_TYPES if q in quants), None)
 
 
-def quantization_verdict(per_quant: dict, headline: str, max_drop: float, ship: str) -> dict:
-    """Which quantized files lose more than max_drop of the headline metric against the widest one,
-    and which file to ship: the configured one if it holds up, else the smallest file that does."""
-    reference = next((q for q in ("f32", "bf16", "f16") if q in per_quant), None)
+def _flag_reasons(scores: dict, headline: str, floor: float, higher: bool, max_kl: Optional[float]) -> List[str]:
+    value, reasons = scores[headline], []
+    if (value < floor) if higher else (value > floor):
+        reasons.append(f"{headline} {value:.3f} is {'below' if higher else 'above'} the floor {floor:.3f}")
+    kl = scores.get("kl_divergence")
+    if max_kl is not None and kl is not None and kl > max_kl:
+        reasons.append(f"KL divergence {kl:.4g} is above quantization.max_kl={max_kl}")
+    return reasons
+
+
+def quantization_verdict(per_quant: dict, headline: str, max_drop: float, ship: str,
+                         max_kl: Optional[float] = None, higher: bool = True) -> dict:
+    """Which quantized files lose more than max_drop of the headline metric against the widest one
+    (or drift further than max_kl from it), and which file to ship: the configured one if it holds
+    up, else the smallest file that does."""
+    reference = reference_quant(per_quant)
     if reference is None:
-        return {"reference": None, "broken": [], "ship": ship}
-    floor = per_quant[reference][headline] - max_drop
-    broken = [q for q, scores in per_quant.items() if scores[headline] < floor]
-    healthy = sorted((q for q in per_quant if q not in broken), key=lambda q: per_quant[q]["file_size"])
-    return {"reference": reference, "floor": floor, "broken": broken,
-            "ship": ship if ship not in broken else (healthy[0] if healthy else None)}
+        return {"reference": None, "broken": [], "reasons": {}, "ship": ship}
+    floor = per_quant[reference][headline] + (-max_drop if higher else max_drop)
+    reasons = {q: why for q, scores in per_quant.items() if (why := _flag_reasons(scores, headline, floor, higher, max_kl))}
+    healthy = sorted((q for q in per_quant if q not in reasons), key=lambda q: per_quant[q]["file_size"])
+    return {"reference": reference, "floor": floor, "broken": list(reasons), "reasons": reasons,
+            "ship": ship if ship not in reasons else (healthy[0] if healthy else None)}
+
+
+class _References:
+    """Per model (fine-tuned, base): the reference GGUF's answer log-probabilities, for KL."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.stores = directory, {}
+
+    def scorer(self, variant: str, quant: str, is_reference: bool):
+        """What scores one GGUF's logits: the reference records its log-probabilities, the others
+        are compared with them."""
+        def score(llm, sequences) -> dict:
+            if is_reference:
+                self.stores[variant] = ReferenceLogprobs(self.directory, variant, sequences, llm.n_vocab())
+                return score_answers(llm, sequences, record=self.stores[variant])
+            reference = self.stores.get(variant)
+            if reference is not None:
+                reference.check_same_tokens(sequences, f"{variant} {quant}")
+            return score_answers(llm, sequences, reference=reference)
+        return score
+
+    def close(self, variant: Optional[str] = None) -> None:
+        for name in [variant] if variant else list(self.stores):
+            if name in self.stores:
+                self.stores.pop(name).close()
+
+
+def evaluate_gguf(cfg, path: Path, conversations, metric_fns: dict, score_logits=None, progress=None):
+    """Scores of one GGUF, its generations and its speed, from one loaded model."""
+    llm = load_gguf(path, cfg.eval.n_ctx, cfg.eval.threads)
+    template = embedded_template(llm, path)
+    gens, speed = generate(llm, template, conversations, cfg.eval.max_new_tokens, cfg.eval.temperature,
+                           list(cfg.template.stop), progress)
+    scores = {name: float(fn(gens)) for name, fn in metric_fns.items()}
+    if score_logits is not None:
+        scores.update(score_logits(llm, answer_sequences(llm, template, conversations, cfg.eval.n_ctx)))
+    scores["file_size"] = path.stat().st_size
+    return scores, gens, speed
+
+
+def _ordered(files: dict) -> list:
+    """The reference type first: the others' KL divergence is measured against it."""
+    reference = reference_quant(files)
+    return sorted(files.items(), key=lambda item: item[0] != reference)
 
 
 def run(cfg, paths: RunPaths) -> dict:
@@ -35,28 +105,51 @@ def run(cfg, paths: RunPaths) -> dict:
         raise FileNotFoundError(f"no export manifest at {paths.export_manifest}: run `tunelab stage=export` first")
     manifest = json.loads(paths.export_manifest.read_text())
     conversations = read_prepared(paths.eval_jsonl)
-    metric_fns = _metric_functions(cfg.eval)
+    metric_fns = metrics_from_config(cfg.eval.metrics)
     variants = [v for v in ("finetuned", "base") if v in manifest]
-    results, samples = {}, []
+    results: Dict[str, dict] = {}
+    speeds: Dict[str, dict] = {}
+    samples = []
     paths.evaluate_dir.mkdir(parents=True, exist_ok=True)
-    with Progress() as progress:
-        for variant in variants:
-            for quant, info in manifest[variant].items():
-                task = progress.add_task(f"{variant} {quant}", total=len(conversations))
-                llm = load_gguf(Path(info["path"]), cfg.eval.n_ctx, cfg.eval.threads)
-                gens = generate(llm, conversations, cfg.eval.max_new_tokens, cfg.eval.temperature,
-                                lambda: progress.advance(task))
-                del llm
-                scores = {name: float(fn(gens)) for name, fn in metric_fns.items()}
-                scores["file_size"] = info["bytes"]
-                results.setdefault(variant, {})[quant] = scores
-                samples += [{"variant": variant, "quant": quant, **asdict(g)} for g in gens]
-    summary = {"metrics": results, "headline": cfg.eval.headline, "ship": manifest["ship"],
-               "eval_rows": len(conversations)}
-    summary["verdict"] = quantization_verdict(results["finetuned"], cfg.eval.headline,
-                                              cfg.quantization.max_drop, manifest["ship"])
-    with open(paths.generations_jsonl, "w", encoding="utf-8") as handle:
-        for row in samples:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    paths.metrics_json.write_text(json.dumps(results, indent=2))
+    logits = _References(paths.evaluate_dir) if cfg.eval.logit_metrics else None
+    try:
+        with Progress() as progress:
+            for variant in variants:
+                reference = reference_quant(manifest[variant])
+                for quant, info in _ordered(manifest[variant]):
+                    task = progress.add_task(f"{variant} {quant}", total=len(conversations))
+                    scorer = logits.scorer(variant, quant, quant == reference) if logits else None
+                    scores, gens, speed = evaluate_gguf(cfg, Path(info["path"]), conversations, metric_fns, scorer,
+                                                        lambda: progress.advance(task))
+                    results.setdefault(variant, {})[quant] = scores
+                    speeds.setdefault(variant, {})[quant] = speed.as_dict()
+                    samples += [{"variant": variant, "quant": quant, **asdict(g)} for g in gens]
+                if logits is not None:
+                    logits.close(variant)
+    finally:
+        if logits is not None:
+            logits.close()
+    return _summarize(cfg, paths, manifest, results, speeds, samples, higher_is_better(metric_fns[cfg.eval.headline]),
+                      len(conversations))
+
+
+def _summarize(cfg, paths: RunPaths, manifest: dict, results: dict, speeds: dict, samples: list, higher: bool,
+               eval_rows: int) -> dict:
+    headline = cfg.eval.headline
+    verdict = quantization_verdict(results["finetuned"], headline, cfg.quantization.max_drop, manifest["ship"],
+                                   cfg.quantization.max_kl, higher)
+    verdict["ship_path"] = manifest["finetuned"][verdict["ship"]]["path"] if verdict["ship"] else None
+    summary = {"metrics": results, "headline": headline, "headline_higher_is_better": higher,
+               "ship": manifest["ship"], "eval_rows": eval_rows, "speed": speeds, "verdict": verdict,
+               "kl_floor_unchecked": cfg.quantization.max_kl is not None and not cfg.eval.logit_metrics}
+    _write(paths.generations_jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
+    _write(paths.evaluation_summary, json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
+    _write(paths.metrics_json, json.dumps(results, indent=2))
     return summary
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: an interrupted run leaves the previous file, not half of a new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

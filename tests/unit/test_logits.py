@@ -1,0 +1,115 @@
+"""Perplexity and KL divergence from llama.cpp's logits, and generation through the GGUF's template,
+checked against an independent computation: llama-cpp-python's own chat handler and its
+`logits_all` scores, with the prompt rendered by transformers' chat template."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from tunelab.config.schema import ModelConfig
+from tunelab.eval.generate import embedded_template, generate, load_gguf
+from tunelab.eval.logits import ReferenceLogprobs, answer_sequences, score_answers
+from tunelab.models.source import load_tokenizer, resolve_model
+from tunelab.paths import RunPaths
+from tunelab.stages.export import export_base
+from tunelab.templates.chat import template_from_config
+
+pytestmark = pytest.mark.slow  # exports a tiny model to GGUF once (cached afterwards)
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "Write a tweet in all capital letters."},
+     {"role": "user", "content": f"The topic is: {topic}"}, {"role": "assistant", "content": answer}]
+    for topic, answer in [("Tea", "TEA IS HOT WATER WITH AMBITION."), ("Cats", "MY CAT OWNS ME."),
+                          ("Rain", "RAIN AGAIN. UMBRELLA SALES ARE UP.")]
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny random-init Llama exported to f16 and q4_k_m GGUFs, and its HF tokenizer."""
+    cache = Path(os.environ.get("TUNELAB_CACHE", ROOT / ".cache/tunelab"))
+    paths = RunPaths(tmp_path_factory.mktemp("run"), cache)
+    model_cfg = OmegaConf.structured(ModelConfig(name="tiny-llama", source="tiny"))
+    base_dir = resolve_model(model_cfg, paths)
+    tokenizer = load_tokenizer(base_dir)
+    template = template_from_config(SimpleNamespace(name="native", chat_template=None, end_of_turn=None), tokenizer)
+    cfg = SimpleNamespace(model=model_cfg)
+    files = export_base(cfg, paths, base_dir, template, ["f16", "q4_k_m"])
+    return {q: Path(info["path"]) for q, info in files.items()}, tokenizer, paths.run_dir
+
+
+def independent_answer_logprobs(path: Path, tokenizer):
+    """Per conversation: the answer tokens (through <|im_end|>) and the log-softmax of logits_all."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for messages in CONVERSATIONS:
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert full.startswith(prompt)
+        tokens = llm.tokenize(full.encode(), add_bos=False, special=True)
+        start = len(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+        end = tokens.index(eot, start) + 1
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[start - 1:end - 1], dtype=np.float64)
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        out.append((tokens[start:end], logp))
+    return out
+
+
+def test_perplexity_and_kl_agree_with_llama_cpp_logits_all(tiny):
+    files, tokenizer, run_dir = tiny
+    expected = {q: independent_answer_logprobs(path, tokenizer) for q, path in files.items()}
+    nll = {q: -sum(logp[np.arange(len(t)), t].sum() for t, logp in rows) for q, rows in expected.items()}
+    n = sum(len(t) for t, _ in expected["f16"])
+    kl = sum((np.exp(r) * (r - q)).sum() for (_, r), (_, q) in zip(expected["f16"], expected["q4_k_m"])) / n
+
+    scores, reference = {}, None
+    for quant in ("f16", "q4_k_m"):
+        llm = load_gguf(files[quant], 512, 2)
+        sequences = answer_sequences(llm, embedded_template(llm, files[quant]), CONVERSATIONS, 512)
+        assert [s.answer for s in sequences] == [t for t, _ in expected[quant]]
+        if reference is None:
+            reference = ReferenceLogprobs(run_dir, "finetuned", sequences, llm.n_vocab())
+            scores[quant] = score_answers(llm, sequences, record=reference)
+        else:
+            scores[quant] = score_answers(llm, sequences, reference=reference)
+    reference.close()
+    assert not reference.path.exists()
+    for quant in files:
+        assert scores[quant]["perplexity"] == pytest.approx(np.exp(nll[quant] / n), rel=1e-4)
+    assert scores["q4_k_m"]["kl_divergence"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert scores["q4_k_m"]["kl_divergence"] > 0 and 0 <= scores["q4_k_m"]["top1_agreement"] <= 1
+
+
+def test_a_gguf_compared_with_itself_has_zero_kl_divergence(tiny):
+    files, _, run_dir = tiny
+    llm = load_gguf(files["q4_k_m"], 512, 2)
+    sequences = answer_sequences(llm, embedded_template(llm, files["q4_k_m"]), CONVERSATIONS, 512)
+    reference = ReferenceLogprobs(run_dir, "self", sequences, llm.n_vocab())
+    first = score_answers(llm, sequences, record=reference)
+    again = score_answers(llm, sequences, reference=reference)
+    reference.close()
+    assert again["kl_divergence"] == pytest.approx(0.0, abs=1e-6) and again["top1_agreement"] == 1.0
+    assert again["perplexity"] == pytest.approx(first["perplexity"], rel=1e-5)
+
+
+def test_generation_matches_llama_cpp_pythons_own_chat_completion(tiny):
+    files, _, _ = tiny
+    llm = load_gguf(files["f16"], 512, 2)
+    ours, speed = generate(llm, embedded_template(llm, files["f16"]), CONVERSATIONS, 12, 0.0)
+    theirs = [load_gguf(files["f16"], 512, 2).create_chat_completion(messages=m[:-1], max_tokens=12, temperature=0.0)
+              for m in CONVERSATIONS]
+    assert [g.answer for g in ours] == [t["choices"][0]["message"]["content"] for t in theirs]
+    assert [g.finish_reason for g in ours] == [t["choices"][0]["finish_reason"] for t in theirs]
+    assert speed.generated_tokens > 0 and speed.gen_tokens_per_s > 0 and speed.prompt_tokens_per_s > 0
