@@ -12,12 +12,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from tunelab.config.schema import ModelConfig
+from tunelab.config.schema import ModelConfig, TemplateConfig
 from tunelab.eval.generate import embedded_template, generate, load_gguf
 from tunelab.eval.logits import ReferenceLogprobs, answer_sequences, score_answers
 from tunelab.models.source import load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
 from tunelab.stages.export import export_base
+from tunelab.templates.parity import run_gate
 from tunelab.templates.chat import template_from_config
 
 pytestmark = pytest.mark.slow  # exports a tiny model to GGUF once (cached afterwards)
@@ -38,9 +39,10 @@ def tiny(tmp_path_factory):
     model_cfg = OmegaConf.structured(ModelConfig(name="tiny-llama", source="tiny"))
     base_dir = resolve_model(model_cfg, paths)
     tokenizer = load_tokenizer(base_dir)
-    template = template_from_config(SimpleNamespace(name="native", chat_template=None, end_of_turn=None), tokenizer)
-    cfg = SimpleNamespace(model=model_cfg)
-    files = export_base(cfg, paths, base_dir, template, ["f16", "q4_k_m"])
+    template = template_from_config(OmegaConf.structured(TemplateConfig(name="native")), tokenizer)
+    cfg = SimpleNamespace(model=model_cfg, quantization=SimpleNamespace(types=["f16", "q4_k_m"]))
+    files = export_base(cfg, paths, base_dir, template, tokenizer,
+                        lambda path: run_gate(path, template, tokenizer, CONVERSATIONS))
     return {q: Path(info["path"]) for q, info in files.items()}, tokenizer, paths.run_dir
 
 
