@@ -46,10 +46,6 @@ def combine_digests(digests: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def dataset_hash(paths: Iterable[Path]) -> str:
-    return combine_digests(path_sha256(Path(p)) for p in paths)
-
-
 def identity_dict(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED_KEYS:
