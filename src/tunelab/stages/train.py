@@ -8,7 +8,6 @@ contract (tunelab.templates.chat), so what is trained is exactly what export wri
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tunelab.data.formats import read_prepared
