@@ -3,6 +3,9 @@
     python benchmarks/train_throughput.py --shape 1b                 # 4 contenders, 16-bit LoRA
     python benchmarks/train_throughput.py --shape 8b --qlora          # 4-bit QLoRA
     python benchmarks/train_throughput.py --shape 1b --max-seq        # also the largest sequence each fits
+    python benchmarks/train_throughput.py --contenders tunelab-unsloth:mb=2,unsloth:gc=off,hf
+        # per-contender options: gc=<auto|on|off|unsloth>, mb=<micro-batch> (gradient accumulation
+        # up to --batch, so every contender still takes the same tokens per optimizer step)
 
 Contenders, each in its own process (Unsloth patches transformers globally on import):
   tunelab-unsloth / tunelab-hf: tunelab's train stage code (plan_training, load_for_training,
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 PEAK_FLOPS = 790e12  # bf16 dense matmul measured on the H100 (platform notes)
 SHAPES = {  # Llama 3 vocabulary size; 1B ties embeddings like Llama-3.2-1B
@@ -33,6 +37,7 @@ SHAPES = {  # Llama 3 vocabulary size; 1B ties embeddings like Llama-3.2-1B
 }
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONTENDERS = ["tunelab-unsloth", "tunelab-hf", "unsloth", "hf"]
+GC_MODES = ["auto", "on", "off", "unsloth"]
 TOKENIZER = Path(__file__).resolve().parents[1] / ".gpu" / "tokenizer"
 
 
@@ -140,16 +145,17 @@ def tunelab_cfg(backend: str, args):
 
     from tunelab.config.schema import LoraConfig, TrainingConfig
 
-    training = TrainingConfig(backend=backend, batch_size=args.batch, max_seq_length=args.seq,
-                              max_steps=args.warmup + args.steps, precision="bf16",
+    micro = args.micro_batch or args.batch
+    training = TrainingConfig(backend=backend, batch_size=micro, gradient_accumulation_steps=args.batch // micro,
+                              max_seq_length=args.seq, max_steps=args.warmup + args.steps, precision="bf16",
                               gradient_checkpointing=args.gc, logging_steps=1000, learning_rate=2e-4)
     lora = LoraConfig(r=16, alpha=32, target_modules="all-linear", load_in_4bit=args.qlora)
     return OmegaConf.create({"training": OmegaConf.structured(training), "lora": OmegaConf.structured(lora),
                              "model": {"trust_remote_code": False}})
 
 
-def run_tunelab(backend: str, folder: Path, args, batches):
-    """tunelab's own train-stage path: plan -> backend loader -> SFTTrainer, timed per step."""
+def load_tunelab(backend: str, folder: Path, args):
+    """tunelab's own train-stage path: plan -> backend loader -> SFTTrainer, timed per optimizer step."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -161,23 +167,38 @@ def run_tunelab(backend: str, folder: Path, args, batches):
     plan = plan_training(cfg, folder)
     model, plan = load_for_training(cfg, folder, plan)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for ids in batches for row in ids]
-    times = []
 
     class StepTimer(TrainerCallback):
+        times: list = []
+
         def on_step_begin(self, *a, **k):
             torch.cuda.synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.start)
+            self.times.append(time.perf_counter() - self.start)
 
-    with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(rows), Path(out), plan, [StepTimer()])
-        trainer.args.dataloader_drop_last = True
-        trainer.train()
-    return model, times[args.warmup:], plan.as_dict()
+    def train(batches, warmup):
+        rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for ids in batches for row in ids]
+        timer = StepTimer()
+        timer.times = []
+        cfg.training.max_steps = len(batches)
+        with tempfile.TemporaryDirectory() as out:
+            trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(rows), Path(out), plan, [timer])
+            trainer.args.dataloader_drop_last = True
+            trainer.train()
+        return timer.times[warmup:]
+
+    return model, train, plan.as_dict()
+
+
+def load_contender(name: str, folder: Path, args):
+    """(model, train(batches, warmup) -> step times, plan) for one contender."""
+    if name.startswith("tunelab-"):
+        return load_tunelab(name.split("-", 1)[1], folder, args)
+    model, _ = (run_raw_unsloth if name == "unsloth" else run_raw_hf)(folder, args)
+    return model, lambda batches, warmup: time_loop(model, batches, warmup), {}
 
 
 def worker(args) -> dict:
@@ -186,93 +207,138 @@ def worker(args) -> dict:
     folder = model_folder(args.shape, Path(args.model_root))
     batches = token_batches(args.warmup + args.steps, args.batch, args.seq, SHAPES[args.shape]["vocab_size"])
     torch.cuda.reset_peak_memory_stats()
-    plan = {}
-    if args.worker.startswith("tunelab-"):
-        model, times, plan = run_tunelab(args.worker.split("-", 1)[1], folder, args, batches)
-    else:
-        model, _ = (run_raw_unsloth if args.worker == "unsloth" else run_raw_hf)(folder, args)
-        times = time_loop(model, batches, args.warmup)
+    model, train, plan = load_contender(args.worker, folder, args)
+    times = train(batches, args.warmup)
     checkpointing = plan.get("gradient_checkpointing") or raw_checkpointing(args.worker, args.gc)
     step = statistics.median(times)
     tokens_per_s = args.batch * args.seq / step
     lora = lora_param_count(model)
     flops = flops_per_token(SHAPES[args.shape], args.seq, lora)
-    return {"contender": args.worker, "tokens_per_s": tokens_per_s, "step_s": step,
+    return {"contender": args.label, "tokens_per_s": tokens_per_s, "step_s": step,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "mfu": flops * tokens_per_s / PEAK_FLOPS,
-            "gflop_per_token": flops / 1e9, "lora_params": lora, "checkpointing": checkpointing, "plan": plan}
+            "gflop_per_token": flops / 1e9, "lora_params": lora, "checkpointing": checkpointing, "plan": plan,
+            "micro_batch": args.micro_batch or args.batch}
 
 
-def spawn(contender: str, args, seq: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", contender, "--shape", args.shape, "--batch", str(args.batch),
-           "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--gc", args.gc,
-           "--model-root", args.model_root] + (["--qlora"] if args.qlora else [])
+def probe_max_seq(args) -> dict:
+    """Largest power-of-two sequence (batch 1, from --seq up) that trains one step, in one process:
+    the model is loaded once (sized for the limit) and the first out-of-memory error ends the search."""
+    import gc
+
+    import torch
+
+    folder = model_folder(args.shape, Path(args.model_root))
+    limit = args.seq
+    args.seq, args.batch, args.micro_batch = args.max_seq_limit, 1, None
+    model, train, plan = load_contender(args.worker, folder, args)
+    fitted, seq = 0, limit
+    while seq <= args.max_seq_limit:
+        try:
+            train(token_batches(1, 1, seq, SHAPES[args.shape]["vocab_size"]), 0)
+        except torch.OutOfMemoryError:
+            break
+        fitted, seq = seq, seq * 2
+        gc.collect()
+        torch.cuda.empty_cache()
+    checkpointing = plan.get("gradient_checkpointing") or raw_checkpointing(args.worker, args.gc)
+    return {"contender": args.label, "max_seq": fitted, "checkpointing": checkpointing}
+
+
+def parse_contender(spec: str) -> Tuple[str, dict]:
+    """'tunelab-unsloth:gc=unsloth:mb=2' -> ('tunelab-unsloth', {'gc': 'unsloth', 'micro_batch': 2})."""
+    name, *options = spec.split(":")
+    if name not in CONTENDERS:
+        raise SystemExit(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+    parsed = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "gc" and value in GC_MODES:
+            parsed["gc"] = value
+        elif key == "mb" and value.isdigit():
+            parsed["micro_batch"] = int(value)
+        else:
+            raise SystemExit(f"contender {spec!r}: options are gc=<{'|'.join(GC_MODES)}> and mb=<micro-batch>")
+    return name, parsed
+
+
+def spawn(spec: str, args, probe: bool = False) -> dict:
+    name, options = parse_contender(spec)
+    gc_mode, micro = options.get("gc", args.gc), options.get("micro_batch")
+    cmd = [sys.executable, __file__, "--worker", name, "--label", spec, "--shape", args.shape,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--gc", gc_mode, "--model-root", args.model_root,
+           "--max-seq-limit", str(args.max_seq_limit)]
+    cmd += (["--qlora"] if args.qlora else []) + (["--micro-batch", str(micro)] if micro else [])
+    cmd += ["--probe"] if probe else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout)[-1500:]
         oom = "out of memory" in tail.lower() or "OutOfMemory" in tail
-        return {"contender": contender, "error": "OOM" if oom else tail}
+        return {"contender": spec, "error": "OOM" if oom else tail}
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def largest_seq(contender: str, args) -> int:
-    """Largest power-of-two sequence (batch 1) that trains without running out of memory."""
-    fitted, seq = 0, args.seq
-    while seq <= args.max_seq_limit:
-        probe = argparse.Namespace(**{**vars(args), "batch": 1, "steps": 1, "warmup": 1})
-        if "error" in spawn(contender, probe, seq):
-            break
-        fitted, seq = seq, seq * 2
-    return fitted
-
-
 def table(results, args) -> str:
-    ok = {r["contender"]: r for r in results if "error" not in r}
+    ok = {r["contender"]: r for r in results if "error" not in r and "tokens_per_s" in r}
     hf, unsloth = ok.get("hf"), ok.get("unsloth")
-    head = (f"shape {args.shape}{' QLoRA 4-bit' if args.qlora else ' LoRA 16-bit'}, batch {args.batch} x {args.seq} "
-            f"tokens, gradient checkpointing {args.gc}, median of {args.steps} steps after {args.warmup} warm-up")
-    rows = [head, "", "| contender | checkpointing | tokens/s | peak GiB | LoRA-MFU | vs hf tokens/s | vs hf memory | vs unsloth tokens/s |"
-            + (" max seq |" if args.max_seq else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if args.max_seq else "")]
+    head = (f"shape {args.shape}{' QLoRA 4-bit' if args.qlora else ' LoRA 16-bit'}, {args.batch} x {args.seq} tokens "
+            f"per optimizer step (mb=N: micro-batches of N, gradient accumulation), gradient checkpointing "
+            f"{args.gc} unless named, median of {args.steps} steps after {args.warmup} warm-up")
+    with_seq = args.max_seq or args.max_seq_only
+    rows = [head, "", "| contender | checkpointing | tokens/s | peak GiB | LoRA-MFU | vs hf tokens/s | vs hf memory | "
+            "vs unsloth tokens/s |" + (" max seq (batch 1) |" if with_seq else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|" if with_seq else "")]
     for r in results:
+        seq = f" {r.get('max_seq', 'n/a')} |" if with_seq else ""
         if "error" in r:
-            rows.append(f"| {r['contender']} | | failed: {r['error'][-80:]!r} | | | | | |")
-            continue
-        ratio = lambda a, b, key: f"{r[key] / b[key]:.2f}x" if b else "n/a"  # noqa: E731
-        rows.append(f"| {r['contender']} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['mfu']:.1%} | "
-                    f"{ratio(r, hf, 'tokens_per_s')} | {ratio(r, hf, 'peak_gib')} | {ratio(r, unsloth, 'tokens_per_s')} |"
-                    + (f" {r.get('max_seq', 0)} |" if args.max_seq else ""))
+            rows.append(f"| {r['contender']} | | failed: {r['error'][-80:]!r} | | | | | |{seq}")
+        elif "tokens_per_s" not in r:
+            rows.append(f"| {r['contender']} | {r['checkpointing']} | | | | | | |{seq}")
+        else:
+            ratio = lambda b, key: f"{r[key] / b[key]:.2f}x" if b else "n/a"  # noqa: E731
+            rows.append(f"| {r['contender']} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
+                        f"{r['mfu']:.1%} | {ratio(hf, 'tokens_per_s')} | {ratio(hf, 'peak_gib')} | "
+                        f"{ratio(unsloth, 'tokens_per_s')} |{seq}")
     return "\n".join(rows)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="comma-separated; options per contender: name:gc=<mode>:mb=<micro-batch>")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--gc", choices=["auto", "on", "off", "unsloth"], default="auto")
+    parser.add_argument("--gc", choices=GC_MODES, default="auto")
     parser.add_argument("--qlora", action="store_true")
     parser.add_argument("--max-seq", action="store_true", help="also search the largest sequence each fits")
-    parser.add_argument("--max-seq-limit", type=int, default=65536)
+    parser.add_argument("--max-seq-only", action="store_true", help="only the largest-sequence search")
+    parser.add_argument("--max-seq-limit", type=int, default=131072)
     parser.add_argument("--model-root", default=os.environ.get("TUNELAB_BENCH_MODELS", "/tmp/tunelab-bench"))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--label", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print("RESULT " + json.dumps(probe_max_seq(args) if args.probe else worker(args)), flush=True)
         return 0
     results = []
     for contender in args.contenders.split(","):
-        result = spawn(contender, args, args.seq)
-        if args.max_seq and "error" not in result:
-            result["max_seq"] = largest_seq(contender, args)
+        result = {"contender": contender} if args.max_seq_only else spawn(contender, args)
+        if (args.max_seq or args.max_seq_only) and "error" not in result:
+            probed = spawn(contender, args, probe=True)
+            result.setdefault("checkpointing", probed.get("checkpointing", ""))
+            result["max_seq"] = probed.get("max_seq", f"failed: {probed.get('error', '')[-60:]!r}")
         results.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
+        if args.json:  # after every contender, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
     print(table(results, args))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if all("error" not in r for r in results) else 1
 
 

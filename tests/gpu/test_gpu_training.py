@@ -70,3 +70,16 @@ def test_gradient_checkpointing_modes_train(tmp_path, tiny_model, mode):
                       "quantization=f16", "eval.evaluate_base=false")
     assert summary["gradient_checkpointing"] == mode
     assert summary["steps"] == 6
+
+
+@pytest.mark.parametrize("option", ["packing", "padding_free"])
+def test_packing_and_padding_free_train_on_unsloth(tmp_path, tiny_model, option):
+    summary = tunelab(tmp_path, tiny_model, "training.backend=unsloth", f"training.{option}=true",
+                      "training.max_steps=-1", "training.epochs=1", "training.batch_size=4",
+                      "training.max_seq_length=512", "quantization=f16", "eval.evaluate_base=false")
+    unpacked_steps = -(-summary["train_rows"] // 4)
+    if option == "packing":  # several conversations per 512-token row: far fewer steps per epoch
+        assert summary["steps"] < unpacked_steps / 2, summary
+    else:
+        assert summary["steps"] == unpacked_steps, summary
+    assert summary["train_loss"] == summary["train_loss"] and summary["train_loss"] > 0  # finite, not NaN

@@ -92,8 +92,12 @@ def _sft_config(training_cfg, out_dir: Path, plan):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        max_length=None,
-        dataset_kwargs={"skip_prepare_dataset": True},
+        # Rows are tokenized and labelled already (the template contract); TRL only packs them.
+        max_length=training_cfg.max_seq_length if training_cfg.packing else None,
+        packing=training_cfg.packing,
+        packing_strategy="bfd",
+        padding_free=training_cfg.packing or training_cfg.padding_free,
+        dataset_kwargs={"skip_prepare_dataset": not training_cfg.packing},
         remove_unused_columns=False,
         disable_tqdm=False,
         # Unsloth applies its own checkpointing inside the model; the Trainer's is for hf only.
