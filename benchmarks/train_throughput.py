@@ -274,6 +274,7 @@ def spawn(spec: str, args, probe: bool = False) -> dict:
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout)[-1500:]
+        print(f"{spec} failed (rc {done.returncode}):\n{tail}", file=sys.stderr, flush=True)
         oom = "out of memory" in tail.lower() or "OutOfMemory" in tail
         return {"contender": spec, "error": "OOM" if oom else tail}
     return json.loads(lines[-1][len("RESULT "):])

@@ -7,4 +7,5 @@ export UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compil
 export TUNELAB_CACHE=${TUNELAB_CACHE:-/tmp/tunelab-cache}
 export TUNELAB_GPU_TOKENIZER="$PWD/.gpu/tokenizer"
 mkdir -p "$TUNELAB_CACHE"
-[ -d "$TUNELAB_CACHE/llama.cpp" ] || cp -a .gpu/llama.cpp "$TUNELAB_CACHE/llama.cpp"
+# The converter is needed by export only (scripts/gpu_bundle.sh --with-export).
+if [ -d .gpu/llama.cpp ] && [ ! -d "$TUNELAB_CACHE/llama.cpp" ]; then cp -a .gpu/llama.cpp "$TUNELAB_CACHE/llama.cpp"; fi
