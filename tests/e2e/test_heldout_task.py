@@ -2,8 +2,9 @@
 with the real SmolLM2-135M-Instruct GGUFs (f16 and q5_k_m, the base-model files every tweets run
 exports and caches), and every number of its report recomputed independently from the GGUF files
 with plain llama-cpp-python: create_chat_completion for the answers, the metrics by this file's own
-code, transformers' chat template and logits_all for perplexity and KL divergence. A quantization
-past the KL floor must be flagged and the smallest file that holds up shipped instead."""
+code, transformers' chat template and logits_all for perplexity and KL divergence. With the KL floor
+set below q5_k_m's measured KL it must be flagged and the smallest file that holds up shipped
+instead; with the floor above it, shipped."""
 from __future__ import annotations
 
 import json
