@@ -72,9 +72,9 @@ def test_a_typo_in_a_yaml_file_fails_naming_the_full_key(compose_cfg, tmp_path, 
 
 def test_validate_reports_every_problem_at_once(compose_cfg):
     cfg = compose_cfg("lora.r=0", "quantization.ship=q4_0", "training.backend=jax",
-                      "dataset.path=missing.csv", "eval.headline=nope")
+                      "dataset.path=missing.csv", "eval.headline=nope", "eval.temperature=0.7")
     with pytest.raises(ConfigError) as err:
         validate(cfg)
-    keys = ["lora.r", "quantization.ship", "training.backend", "dataset.path", "eval.headline"]
+    keys = ["lora.r", "quantization.ship", "training.backend", "dataset.path", "eval.headline", "eval.temperature"]
     assert all(any(k in p for p in err.value.problems) for k in keys), err.value.problems
     assert len(err.value.problems) >= len(keys)

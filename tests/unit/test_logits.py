@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from tunelab.config.schema import ModelConfig, TemplateConfig
-from tunelab.eval.generate import embedded_template, generate, load_gguf
-from tunelab.eval.logits import ReferenceLogprobs, answer_sequences, score_answers
+from tunelab.eval.decode import run_rows
+from tunelab.eval.generate import embedded_template, generate, load_gguf, prompt_ids
+from tunelab.eval.logits import AnswerScores, AnswerSequence, ReferenceLogprobs, answer_sequences, score_answers
 from tunelab.models.source import load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
 from tunelab.stages.export import export_base
@@ -106,12 +107,67 @@ def test_a_gguf_compared_with_itself_has_zero_kl_divergence(tiny):
     assert again["perplexity"] == pytest.approx(first["perplexity"], rel=1e-5)
 
 
+# More rows for the batched paths: two system prompts (prefix reuse across rows and streams), a
+# repeated row (the whole prompt cached) and an answer long enough to end on max_new_tokens.
+ROWS = CONVERSATIONS + [
+    [{"role": "system", "content": system}, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    for system, user, answer in [("Answer in JSON.", "Name: Ada, age 36", '{"name": "Ada", "age": 36}'),
+                                 ("Answer in JSON.", "Name: Bo, age 7", '{"name": "Bo", "age": 7}'),
+                                 ("Answer in JSON.", "Name: Bo, age 7", '{"name": "Bo", "age": 7}'),
+                                 ("Write a tweet in all capital letters.", "The topic is: Lighthouses",
+                                  "LIGHTHOUSE KEEPERS HAD THE ULTIMATE INTROVERT JOB.")]
+]
+
+
+def chat_completions(path: Path, rows, max_tokens: int):
+    llm = load_gguf(path, 512, 2)
+    return [llm.create_chat_completion(messages=m[:-1], max_tokens=max_tokens, temperature=0.0)["choices"][0]
+            for m in rows]
+
+
 def test_generation_matches_llama_cpp_pythons_own_chat_completion(tiny):
     files, _, _ = tiny
+    for quant in ("f16", "q4_k_m"):
+        llm = load_gguf(files[quant], 512, 2)
+        ours, speed = generate(llm, embedded_template(llm, files[quant]), ROWS, 12, 0.0)
+        theirs = chat_completions(files[quant], ROWS, 12)
+        assert [g.answer for g in ours] == [t["message"]["content"] for t in theirs]
+        assert [g.finish_reason for g in ours] == [t["finish_reason"] for t in theirs]
+        assert speed.generated_tokens > 0 and speed.gen_tokens_per_s > 0 and speed.prompt_tokens_per_s > 0
+
+
+def test_the_logit_pass_riding_along_generation_scores_what_the_separate_pass_does(tiny):
+    files, _, _ = tiny
+    llm = load_gguf(files["q4_k_m"], 512, 2)
+    template = embedded_template(llm, files["q4_k_m"])
+    sequences = answer_sequences(llm, template, ROWS, 512)
+    alone = score_answers(llm, sequences)
+    scores = AnswerScores(sequences)
+    gens, speed = generate(llm, template, ROWS, 12, 0.0, scores=scores)
+    assert scores.result()["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5)
+    # each prompt is decoded once: the reference adds only its own tokens after the prompt
+    assert speed.reference_tokens == sum(len(s.answer) - 1 for s in sequences)
+    plain, plain_speed = generate(llm, template, ROWS, 12, 0.0)
+    assert [g.answer for g in plain] == [g.answer for g in gens]
+    assert plain_speed.prompt_tokens == speed.prompt_tokens and plain_speed.reference_tokens == 0
+
+
+def test_a_prompt_token_straddling_into_the_answer_is_scored_from_the_reference_tokens(tiny):
+    """When the rendered conversation merges the prompt's last characters with the answer's first
+    ones into one token, the answer starts before the prompt's end: the logit pass then decodes the
+    reference on its own after generating, and still agrees with the pass without generation."""
+    files, _, _ = tiny
     llm = load_gguf(files["f16"], 512, 2)
-    ours, speed = generate(llm, embedded_template(llm, files["f16"]), CONVERSATIONS, 12, 0.0)
-    theirs = [load_gguf(files["f16"], 512, 2).create_chat_completion(messages=m[:-1], max_tokens=12, temperature=0.0)
-              for m in CONVERSATIONS]
-    assert [g.answer for g in ours] == [t["choices"][0]["message"]["content"] for t in theirs]
-    assert [g.finish_reason for g in ours] == [t["choices"][0]["finish_reason"] for t in theirs]
-    assert speed.generated_tokens > 0 and speed.gen_tokens_per_s > 0 and speed.prompt_tokens_per_s > 0
+    template = embedded_template(llm, files["f16"])
+    sequences = answer_sequences(llm, template, ROWS, 512)
+    prompts = [prompt_ids(llm, template, m[:-1]) for m in ROWS]
+    # a straddling row, made by hand: the prompt's last token counted as the answer's first
+    shifted = [AnswerSequence(s.tokens, s.start - 1, s.end) if i == 1 else s for i, s in enumerate(sequences)]
+    assert shifted[1].start < len(prompts[1])
+    got, expected = {}, {}
+    run_rows(llm, prompts, shifted, 6, [], on_logits=lambda i, logits: got.setdefault(i, logits))
+    run_rows(llm, None, shifted, 0, [], on_logits=lambda i, logits: expected.setdefault(i, logits))
+    assert sorted(got) == list(range(len(ROWS)))
+    for i in got:
+        assert got[i].shape == (len(shifted[i].answer), llm.n_vocab())
+        np.testing.assert_allclose(got[i], expected[i], rtol=1e-4, atol=1e-4)

@@ -177,7 +177,7 @@ class MetricConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 64
-    temperature: float = 0.0
+    temperature: float = 0.0  # greedy only: answers must be recomputable from the GGUF
     n_ctx: int = 512
     threads: Optional[int] = None
     evaluate_base: bool = True
@@ -185,7 +185,7 @@ class EvalConfig:
     # list of Generation (see tunelab.eval.metrics for the built-ins)
     metrics: Dict[str, Any] = field(default_factory=dict)
     # Perplexity of the reference answers per GGUF and KL divergence from the reference GGUF, from
-    # llama.cpp's logits (one forward pass over each eval row per GGUF).
+    # llama.cpp's logits (the reference answer is decoded after the prompt that generation evaluates).
     logit_metrics: bool = True
     # The headline metric printed at the end of a run.
     headline: str = "success_rate"

@@ -2,7 +2,8 @@
 
 Prompts are rendered here with the GGUF's own template (in the Jinja sandbox) and tokenized by the
 GGUF, so that generation and the reference scoring in `tunelab.eval.logits` see the same token ids.
-Speed comes from llama.cpp's own performance counters, read around the generation loop.
+Generation itself (greedy, with the logit pass riding along) is in `tunelab.eval.decode`; its
+answers are `create_completion`'s, token for token.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence
 
+from tunelab.eval.decode import run_rows
 from tunelab.eval.metrics import Generation
 from tunelab.templates.chat import ChatTemplate, Message
 
@@ -57,14 +59,17 @@ def prompt_ids(llm, template: ChatTemplate, prompt: Sequence[Message]) -> List[i
 
 @dataclass
 class Speed:
-    """llama.cpp's counters over one generation loop: prompt tokens it evaluated (after prefix
-    reuse), tokens it generated one by one, and the wall time of the whole loop."""
+    """Over one GGUF's evaluation loop: prompt tokens llama.cpp evaluated (after the prefix reused
+    from the KV cache), reference-answer tokens evaluated for the logit pass, tokens generated (one
+    per step and row), the seconds of each, and the wall time of the whole loop."""
 
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
     wall_seconds: float = 0.0
+    reference_tokens: int = 0
+    reference_seconds: float = 0.0
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -80,29 +85,25 @@ class Speed:
 
 
 def generate(llm, template: ChatTemplate, conversations, max_new_tokens: int, temperature: float,
-             stop: Sequence[str] = (), progress=None):
-    """Answer each conversation's last prompt (everything before its final assistant turn).
+             stop: Sequence[str] = (), progress=None, scores=None):
+    """Answer each conversation's last prompt (everything before its final assistant turn), greedily
+    (`tunelab.eval.decode`). With `scores` (an AnswerScores over these conversations'
+    AnswerSequences), the same pass scores the reference answers.
 
-    Returns (generations, Speed). Consecutive prompts share their system prompt, which
-    llama-cpp-python keeps in the KV cache instead of evaluating it again.
+    Returns (generations, Speed).
     """
-    import llama_cpp
-
+    if temperature != 0:
+        raise ValueError(f"eval.temperature={temperature}: evaluation decodes greedily (0.0), so that its "
+                         "answers can be recomputed from the GGUF")
     stops = [template.end_of_turn, *stop] if template.end_of_turn else list(stop)
-    results = []
-    llama_cpp.llama_perf_context_reset(llm.ctx)
+    prompts = [prompt_ids(llm, template, messages[:-1]) for messages in conversations]
     started = time.perf_counter()
-    for messages in conversations:
-        prompt, reference = messages[:-1], messages[-1]["content"]
-        ids = prompt_ids(llm, template, prompt)
-        out = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=temperature, seed=0, stop=stops)
-        choice = out["choices"][0]
-        results.append(Generation(prompt=prompt[-1]["content"], reference=reference, answer=choice["text"] or "",
-                                  finish_reason=choice["finish_reason"],
-                                  completion_tokens=out["usage"]["completion_tokens"], prompt_tokens=len(ids)))
-        if progress:
-            progress()
-    perf = llama_cpp.llama_perf_context(llm.ctx)
-    speed = Speed(perf.n_p_eval, perf.t_p_eval_ms / 1e3, perf.n_eval, perf.t_eval_ms / 1e3,
-                  time.perf_counter() - started)
+    completions, timing = run_rows(llm, prompts, scores.sequences if scores else None, max_new_tokens, stops,
+                                   on_logits=scores.add if scores else None, progress=progress)
+    speed = Speed(timing.prompt_tokens, timing.prompt_seconds, timing.generated_tokens, timing.generation_seconds,
+                  time.perf_counter() - started, timing.reference_tokens, timing.reference_seconds)
+    results = [Generation(prompt=messages[-2]["content"], reference=messages[-1]["content"], answer=done.text,
+                          finish_reason=done.finish_reason, completion_tokens=len(done.tokens),
+                          prompt_tokens=len(ids))
+               for messages, done, ids in zip(conversations, completions, prompts)]
     return results, speed

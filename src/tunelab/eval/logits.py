@@ -7,17 +7,20 @@
   reference GGUF's (f16), averaged over the same positions, and how often both pick the same top token.
 
 Token ids come from rendering each conversation with the GGUF's embedded template and tokenizing
-with the GGUF. The reference's log-probabilities (positions x vocabulary) are kept on disk.
+with the GGUF. The logits come from `tunelab.eval.decode`, which decodes each reference answer right
+after the prompt it evaluates for generation anyway. The reference's log-probabilities (positions x
+vocabulary) are kept on disk.
 """
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
+from tunelab.eval.decode import common_prefix, run_rows
 from tunelab.eval.generate import prompt_ids, tokenize
 from tunelab.templates.chat import ChatTemplate
 
@@ -33,15 +36,6 @@ class AnswerSequence:
         return self.tokens[self.start:self.end]
 
 
-def _common_prefix(a: List[int], b: List[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def answer_sequences(llm, template: ChatTemplate, conversations, n_ctx: int) -> List[AnswerSequence]:
     """Each conversation's token ids and where its final answer lies in them."""
     end_of_turn = llm.token_eos()
@@ -49,7 +43,7 @@ def answer_sequences(llm, template: ChatTemplate, conversations, n_ctx: int) -> 
     for row, messages in enumerate(conversations, start=1):
         prompt = prompt_ids(llm, template, messages[:-1])
         tokens = tokenize(llm, template.render(messages))
-        start = _common_prefix(prompt, tokens)  # a token may straddle the prompt/answer boundary
+        start = common_prefix(prompt, tokens)  # a token may straddle the prompt/answer boundary
         answer = tokens[start:]
         end = start + answer.index(end_of_turn) + 1 if end_of_turn in answer else len(tokens)
         if start == 0 or end <= start:
@@ -60,52 +54,10 @@ def answer_sequences(llm, template: ChatTemplate, conversations, n_ctx: int) -> 
     return sequences
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max(axis=1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
-def answer_logprobs(llm, sequences: List[AnswerSequence]) -> Iterator[np.ndarray]:
-    """Per sequence, log-softmax of the next-token logits at each position that predicts an answer
-    token: shape (len(answer), n_vocab). Logits are computed only at those positions, and the KV
-    cache keeps the prefix shared with the previous sequence (the system prompt, usually)."""
-    import llama_cpp
-
-    ctx, n_batch, n_vocab = llm.ctx, llm.n_batch, llm.n_vocab()
-    memory = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-    llama_cpp.llama_memory_clear(memory, True)
-    cached: List[int] = []
-    try:
-        for seq in sequences:
-            first_output = seq.start - 1
-            keep = min(_common_prefix(cached, seq.tokens), first_output)
-            llama_cpp.llama_memory_seq_rm(memory, 0, keep, -1)
-            rows = []
-            for begin in range(keep, seq.end - 1, n_batch):
-                positions = range(begin, min(begin + n_batch, seq.end - 1))
-                _fill(batch, seq.tokens, positions, first_output)
-                if llama_cpp.llama_decode(ctx, batch) != 0:
-                    raise RuntimeError(f"llama_decode failed on a sequence of {seq.end} tokens")
-                rows += [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,)).copy()
-                         for j, pos in enumerate(positions) if pos >= first_output]
-            cached = seq.tokens[:seq.end - 1]
-            yield _log_softmax(np.stack(rows))
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_memory_clear(memory, True)
-        llm.reset()  # llama-cpp-python's own record of the KV cache is stale now
-
-
-def _fill(batch, tokens: List[int], positions: range, first_output: int) -> None:
-    batch.n_tokens = len(positions)
-    for j, pos in enumerate(positions):
-        batch.token[j] = tokens[pos]
-        batch.pos[j] = pos
-        batch.n_seq_id[j] = 1
-        batch.seq_id[j][0] = 0
-        batch.logits[j] = pos >= first_output
 
 
 class ReferenceLogprobs:
@@ -134,24 +86,44 @@ class ReferenceLogprobs:
         self.path.unlink(missing_ok=True)
 
 
+class AnswerScores:
+    """Perplexity always; kl_divergence and top1_agreement against `reference` when given. `record`
+    stores this GGUF's log-probabilities as the reference for the others. Rows may come in any order."""
+
+    def __init__(self, sequences: List[AnswerSequence], reference: Optional[ReferenceLogprobs] = None,
+                 record: Optional[ReferenceLogprobs] = None):
+        self.sequences, self.reference, self.record = sequences, reference, record
+        lengths = [len(seq.answer) for seq in sequences]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+        self.nll, self.kl, self.same_top, self.seen = 0.0, 0.0, 0, set()
+
+    def add(self, index: int, logits: np.ndarray) -> None:
+        """Row `index`'s raw logits at its answer positions (answer tokens x vocabulary)."""
+        answer, logp = np.asarray(self.sequences[index].answer), log_softmax(logits)
+        self.nll -= float(logp[np.arange(len(answer)), answer].sum())
+        span = slice(self.offsets[index], self.offsets[index + 1])
+        if self.record is not None:
+            self.record.array[span] = logp
+        if self.reference is not None:
+            ref = self.reference.array[span].astype(np.float64)
+            self.kl += float((np.exp(ref) * (ref - logp)).sum())
+            self.same_top += int((ref.argmax(axis=1) == logp.argmax(axis=1)).sum())
+        self.seen.add(index)
+
+    def result(self) -> dict:
+        if len(self.seen) != len(self.sequences):
+            raise RuntimeError(f"the logit pass scored {len(self.seen)} of {len(self.sequences)} eval rows")
+        total = int(self.offsets[-1])
+        scores = {"perplexity": float(np.exp(self.nll / total))}
+        if self.reference is not None:
+            # float rounding can leave a hair below zero for identical distributions
+            scores.update(kl_divergence=max(self.kl / total, 0.0), top1_agreement=self.same_top / total)
+        return scores
+
+
 def score_answers(llm, sequences: List[AnswerSequence], reference: Optional[ReferenceLogprobs] = None,
                   record: Optional[ReferenceLogprobs] = None) -> dict:
-    """perplexity always; kl_divergence and top1_agreement against `reference` when given.
-    `record` stores this GGUF's log-probabilities as the reference for the others."""
-    nll, offset, kl, same_top = 0.0, 0, 0.0, 0
-    for seq, logp in zip(sequences, answer_logprobs(llm, sequences)):
-        answer = np.asarray(seq.answer)
-        nll -= float(logp[np.arange(len(answer)), answer].sum())
-        span = slice(offset, offset + len(answer))
-        if record is not None:
-            record.array[span] = logp
-        if reference is not None:
-            ref = reference.array[span].astype(np.float64)
-            kl += float((np.exp(ref) * (ref - logp)).sum())
-            same_top += int((ref.argmax(axis=1) == logp.argmax(axis=1)).sum())
-        offset += len(answer)
-    scores = {"perplexity": float(np.exp(nll / offset))}
-    if reference is not None:
-        # float rounding can leave a hair below zero for identical distributions
-        scores.update(kl_divergence=max(kl / offset, 0.0), top1_agreement=same_top / offset)
-    return scores
+    """The logit pass alone (no generation): see AnswerScores."""
+    scores = AnswerScores(sequences, reference, record)
+    run_rows(llm, None, sequences, 0, (), on_logits=scores.add)
+    return scores.result()

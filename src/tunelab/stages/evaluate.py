@@ -2,7 +2,7 @@
 and is scored: the configured metrics on its answers, the perplexity of the reference answers and the
 KL divergence from the reference GGUF (f16) from llama.cpp's logits, its generation speed and size.
 
-One loaded model per GGUF serves generation, logits and speed. Writes evaluate/metrics.json
+One loaded model per GGUF serves generation, logits and speed, in one pass over the eval rows. Writes evaluate/metrics.json
 ({model: {quant: {name: number}}}: what DVC reads, the same for the same files and answers),
 evaluate/generations.jsonl and evaluate/summary.json (speed per GGUF, which files broke, which to ship).
 """
@@ -18,7 +18,7 @@ from rich.progress import Progress
 
 from tunelab.data.formats import read_prepared
 from tunelab.eval.generate import embedded_template, generate, load_gguf
-from tunelab.eval.logits import ReferenceLogprobs, answer_sequences, score_answers
+from tunelab.eval.logits import AnswerScores, ReferenceLogprobs, answer_sequences
 from tunelab.eval.metrics import higher_is_better
 from tunelab.eval.registry import metrics_from_config
 from tunelab.paths import RunPaths
@@ -63,17 +63,17 @@ class _References:
         self.directory, self.stores = directory, {}
 
     def scorer(self, variant: str, quant: str, is_reference: bool):
-        """What scores one GGUF's logits: the reference records its log-probabilities, the others
-        are compared with them."""
-        def score(llm, sequences) -> dict:
+        """What scores one GGUF's logits (an AnswerScores for its answer sequences): the reference
+        records its log-probabilities, the others are compared with them."""
+        def scores(llm, sequences) -> AnswerScores:
             if is_reference:
                 self.stores[variant] = ReferenceLogprobs(self.directory, variant, sequences, llm.n_vocab())
-                return score_answers(llm, sequences, record=self.stores[variant])
+                return AnswerScores(sequences, record=self.stores[variant])
             reference = self.stores.get(variant)
             if reference is not None:
                 reference.check_same_tokens(sequences, f"{variant} {quant}")
-            return score_answers(llm, sequences, reference=reference)
-        return score
+            return AnswerScores(sequences, reference=reference)
+        return scores
 
     def close(self, variant: Optional[str] = None) -> None:
         for name in [variant] if variant else list(self.stores):
@@ -82,14 +82,18 @@ class _References:
 
 
 def evaluate_gguf(cfg, path: Path, conversations, metric_fns: dict, score_logits=None, progress=None):
-    """Scores of one GGUF, its generations and its speed, from one loaded model."""
+    """Scores of one GGUF, its generations and its speed, from one loaded model and one pass over
+    the eval rows (generation and, with score_logits, the logit pass)."""
     llm = load_gguf(path, cfg.eval.n_ctx, cfg.eval.threads)
     template = embedded_template(llm, path)
-    gens, speed = generate(llm, template, conversations, cfg.eval.max_new_tokens, cfg.eval.temperature,
-                           list(cfg.template.stop), progress)
-    scores = {name: float(fn(gens)) for name, fn in metric_fns.items()}
+    logit_scores = None
     if score_logits is not None:
-        scores.update(score_logits(llm, answer_sequences(llm, template, conversations, cfg.eval.n_ctx)))
+        logit_scores = score_logits(llm, answer_sequences(llm, template, conversations, cfg.eval.n_ctx))
+    gens, speed = generate(llm, template, conversations, cfg.eval.max_new_tokens, cfg.eval.temperature,
+                           list(cfg.template.stop), progress, logit_scores)
+    scores = {name: float(fn(gens)) for name, fn in metric_fns.items()}
+    if logit_scores is not None:
+        scores.update(logit_scores.result())
     scores["file_size"] = path.stat().st_size
     return scores, gens, speed
 

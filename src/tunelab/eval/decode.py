@@ -1,0 +1,219 @@
+"""One pass over the eval rows through llama.cpp's low-level API: each prompt is evaluated once for
+both the greedy answer and the reference answer's logits.
+
+Per row, on the loaded model's own context (one sequence, its KV cache carried from row to row):
+
+1. the prompt, after the prefix the KV cache still holds from the previous row (the system prompt,
+   usually; all but its last token when the whole prompt is cached), is decoded with one output: the
+   logits at its last position, which give the first answer token and, for the logit pass, the
+   log-probabilities of the reference's first token;
+2. with the logit pass on, the reference answer's tokens are decoded after the prompt with an
+   output at every position, then dropped from the KV cache again;
+3. greedy steps decode one token at a time, and the row stops exactly where llama-cpp-python's
+   `create_completion` stops: the end-of-generation token, a stop string, max tokens (and its
+   handling of an incomplete UTF-8 character).
+
+This is what `create_completion` does, batch for batch, so the answers are its answers token for
+token. Batches matter: llama.cpp's CPU kernels round a single token differently from several
+(tinyBLAS takes batches of 2-4 or more), so decoding several rows at once (one llama_decode per
+step) changes some greedy answers where two tokens nearly tie (docs/evaluation.md has the numbers).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Completion:
+    tokens: List[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int = 0  # prompt tokens decoded (after the prefix reused from the KV cache)
+    prompt_seconds: float = 0.0
+    reference_tokens: int = 0  # reference answer tokens decoded for the logit pass
+    reference_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def incomplete_utf8(text: bytes) -> int:
+    """How many more bytes the last characters of `text` wait for, as llama-cpp-python's completion
+    loop counts them (it generates that many more tokens before it checks stops and length)."""
+    missing = 0
+    for offset, byte in enumerate(text[-3:]):
+        have = 3 - offset
+        for size, lead in ((2, 0xC0), (3, 0xE0), (4, 0xF0)):
+            if size > have and byte & lead == lead:
+                missing = size - have
+    return missing
+
+
+@dataclass
+class _Answer:
+    """A greedy answer in the making, judged token by token as create_completion judges it."""
+
+    prompt: List[int]
+    max_tokens: int
+    tokens: List[int] = field(default_factory=list)
+    text: bytes = b""
+    finish: Optional[str] = None
+    wait_bytes: int = 0
+
+    def accept(self, llm, token: int, is_eog: Callable[[int], bool], stops: Sequence[bytes]) -> None:
+        if is_eog(token):
+            self.text, self.finish = llm.detokenize(self.tokens, prev_tokens=self.prompt), "stop"
+            return
+        self.tokens.append(token)
+        text = llm.detokenize(self.tokens, prev_tokens=self.prompt)
+        self.wait_bytes = incomplete_utf8(text) or self.wait_bytes
+        if self.wait_bytes > 0:
+            self.wait_bytes -= 1
+            return
+        hit = next((s for s in stops if s in text), None)
+        if hit is not None:
+            self.text, self.finish = text[:text.index(hit)], "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.text, self.finish = text, "length"
+
+
+class Decoder:
+    """The Llama's context, driven token by token; `cached` mirrors what its KV cache holds."""
+
+    def __init__(self, llm, stops: Sequence[str]):
+        import llama_cpp
+
+        self.llm, self.lib, self.ctx = llm, llama_cpp, llm.ctx
+        self.n_vocab, self.n_batch = llm.n_vocab(), llm.n_batch
+        self.stops = [s.encode("utf-8") for s in stops]
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.is_eog = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+        llama_cpp.llama_memory_clear(self.memory, True)
+        self.cached: List[int] = []
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_memory_clear(self.memory, True)
+        self.llm.reset()  # llama-cpp-python's own record of the KV cache is stale now
+
+    def keep(self, tokens: Sequence[int], limit: int) -> int:
+        """Keeps the cached prefix of `tokens` (at most `limit` tokens) and drops the rest."""
+        n = min(common_prefix(self.cached, tokens), limit)
+        self.lib.llama_memory_seq_rm(self.memory, 0, n, -1)
+        self.cached = list(tokens[:n])
+        return n
+
+    def decode(self, tokens: Sequence[int], first_output: int) -> List[np.ndarray]:
+        """Decodes `tokens` after the cached ones, in batches of n_batch, and returns copies of the
+        logits at positions >= first_output."""
+        rows, batch = [], self.batch
+        for begin in range(0, len(tokens), self.n_batch):
+            part = tokens[begin:begin + self.n_batch]
+            start = len(self.cached)
+            batch.n_tokens = len(part)
+            for j, token in enumerate(part):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, start + j, 1
+                batch.seq_id[j][0], batch.logits[j] = 0, start + j >= first_output
+            if self.lib.llama_decode(self.ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed on a batch of {len(part)} tokens")
+            self.cached += part
+            rows += [np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, j), shape=(self.n_vocab,)).copy()
+                     for j in range(len(part)) if start + j >= first_output]
+        return rows
+
+    def greedy(self, answer: _Answer, logits: np.ndarray) -> None:
+        answer.accept(self.llm, int(np.argmax(logits)), self.is_eog, self.stops)
+
+
+def _prompt(decoder: Decoder, prompt: List[int], timing: Timing) -> np.ndarray:
+    """Step 1: the prompt's last logits (as create_completion: a fully cached prompt re-decodes its
+    last token)."""
+    started = time.perf_counter()
+    kept = decoder.keep(prompt, len(prompt) - 1)
+    logits = decoder.decode(prompt[kept:], len(prompt) - 1)[-1]
+    timing.prompt_tokens += len(prompt) - kept
+    timing.prompt_seconds += time.perf_counter() - started
+    return logits
+
+
+def _reference(decoder: Decoder, sequence, prompt: Optional[List[int]], timing: Timing) -> List[np.ndarray]:
+    """Step 2: the logits at the reference answer's positions. After a prompt was decoded for
+    generation, its tokens stay; a token straddling the prompt's end is decoded again."""
+    started = time.perf_counter()
+    tokens, first = sequence.tokens[:sequence.end - 1], sequence.start - 1
+    kept = decoder.keep(tokens, first if prompt is None or sequence.start < len(prompt) else len(prompt))
+    rows = decoder.decode(tokens[kept:], first)
+    timing.reference_tokens += len(tokens) - kept
+    timing.reference_seconds += time.perf_counter() - started
+    return rows
+
+
+def _generate(decoder: Decoder, answer: _Answer, timing: Timing) -> None:
+    """Step 3: one token per llama_decode until the answer stops."""
+    started = time.perf_counter()
+    while answer.finish is None:
+        decoder.greedy(answer, decoder.decode([answer.tokens[-1]], len(decoder.cached))[-1])
+    timing.generated_tokens += len(answer.tokens)
+    timing.generation_seconds += time.perf_counter() - started
+
+
+def run_rows(llm, prompts: Optional[List[List[int]]], sequences, max_new_tokens: int, stops: Sequence[str],
+             on_logits=None, progress=None):
+    """Greedy answers to `prompts` (None: no generation) and, for each of `sequences` (AnswerSequence;
+    None: no logit pass), the raw logits at its answer positions, passed to on_logits(row index, array
+    of shape (answer tokens, vocabulary)). Returns ([Completion or None per row], Timing)."""
+    n_ctx, timing = llm.n_ctx(), Timing()
+    decoder, completions = Decoder(llm, stops), []
+    try:
+        for index in range(len(prompts) if prompts is not None else len(sequences)):
+            prompt = prompts[index] if prompts is not None else None
+            sequence = sequences[index] if sequences is not None else None
+            completions.append(_row(decoder, index, prompt, sequence, max_new_tokens, n_ctx, on_logits, timing))
+            if progress:
+                progress()
+    finally:
+        decoder.close()
+    return completions, timing
+
+
+def _row(decoder: Decoder, index: int, prompt, sequence, max_new_tokens: int, n_ctx: int, on_logits,
+         timing: Timing) -> Optional[Completion]:
+    if prompt is None:
+        on_logits(index, np.stack(_reference(decoder, sequence, None, timing)))
+        return None
+    if len(prompt) >= n_ctx:
+        raise ValueError(f"eval row {index + 1}: its prompt's {len(prompt)} tokens do not fit eval.n_ctx={n_ctx}; "
+                         "raise eval.n_ctx")
+    # as create_completion: the answer may fill the context, no more
+    answer = _Answer(prompt, max_new_tokens if max_new_tokens + len(prompt) < n_ctx else n_ctx - len(prompt))
+    first = _prompt(decoder, prompt, timing)
+    straddles = sequence is not None and sequence.start < len(prompt)
+    if sequence is not None and not straddles:
+        on_logits(index, np.stack([first] + _reference(decoder, sequence, prompt, timing)))
+        decoder.keep(prompt, len(prompt))  # the reference leaves the KV cache
+    decoder.greedy(answer, first)
+    if answer.finish is None:
+        _generate(decoder, answer, timing)
+    else:
+        timing.generated_tokens += len(answer.tokens)
+    if straddles:
+        on_logits(index, np.stack(_reference(decoder, sequence, None, timing)))
+    return Completion(answer.tokens, answer.text.decode("utf-8", errors="ignore"), answer.finish)
