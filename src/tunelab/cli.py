@@ -57,6 +57,10 @@ def _task(cfg: DictConfig) -> Optional[float]:
     multirun, parent_run_id, tags = _job_context(cfg)
     try:
         results = pipeline.run(cfg, parent_run_id=parent_run_id, extra_tags=tags)
+    except KeyboardInterrupt as interrupt:  # the run has ended KILLED
+        if multirun:
+            _end_worker(interrupt)
+        raise
     except (ConfigError, DataError, FileNotFoundError, TemplateError, ParityError) as err:
         # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
         # line breaks inside a long file:line, so every message stays one greppable line.
@@ -66,6 +70,23 @@ def _task(cfg: DictConfig) -> Optional[float]:
             raise  # Hydra marks this job FAILED and goes on with the others
         sys.exit(2)
     return pipeline.objective_value(cfg, results)
+
+
+def _end_worker(interrupt: KeyboardInterrupt) -> None:
+    """A sweep job interrupted in a worker process (joblib, submitit): its run has ended KILLED, so
+    the worker exits now, which is what the sweep process waits for (runstate.stop_children); a
+    worker that lived on would start the next job or be killed before it ends its run."""
+    from tunelab import runstate, sweep
+
+    if sweep.started_here():
+        return  # jobs run in the sweep's own process (the basic launcher): it ends the sweep
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(runstate.exit_code(interrupt))
+
+
+def _multirun(argv) -> bool:
+    return any(arg in ("-m", "--multirun") or arg.replace(" ", "") == "hydra.mode=MULTIRUN" for arg in argv)
 
 
 # name -> module under tunelab.commands with a main(argv: list[str]) -> int
@@ -84,7 +105,8 @@ def main() -> None:
     from tunelab import runstate, sweep
 
     try:
-        with runstate.sigterm_raises():
+        # A sweep's jobs may run in worker processes: a signal to the sweep reaches them too.
+        with runstate.sigterm_raises(on_interrupt=runstate.stop_children if _multirun(sys.argv[1:]) else None):
             app()
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: runs and the sweep end KILLED
         sweep.finish(interrupted=True)

@@ -19,10 +19,17 @@ from tunelab import sweep_results, tracking
 
 MARKER = ".tunelab-sweep.json"
 _active: dict = {}  # the sweep this process started: its tracking config and parent run id
+_started: list = []  # not empty in the process that started a sweep (not in its workers)
+
+
+def started_here() -> bool:
+    """True in the process that runs the sweep; False in a worker process running its jobs."""
+    return bool(_started)
 
 
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _started.append(True)
         if not config.tracking.enabled:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
