@@ -82,6 +82,6 @@ def print_summary(jobs: List[dict], parent_run_id: str, direction: str = "maximi
     if best is not None:
         Console(stderr=bool(failed)).print(f"best: job {best['tags'].get('tunelab.sweep_job')} ({direction} "
                                            f"{best['tags']['tunelab.objective']}), run {best['run_id']}")
-    if failed:
+    if any(job["status"] == "FAILED" for job in jobs):
         Console(stderr=True).print("[bold red]failed jobs keep their traceback in MLflow: artifact "
                                    "error/traceback.txt of each run above[/]")

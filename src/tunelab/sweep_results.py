@@ -53,8 +53,9 @@ def comparison_table(jobs: List[dict], direction: str) -> dict:
     metrics = sorted({m for j in jobs for m in j["metrics"] if m.startswith(_EVAL_PREFIXES)},
                      key=lambda m: (not m.startswith("finetuned."), m))  # the fine-tuned models first
     metrics = [m for m in _TABLE_METRICS if any(m in j["metrics"] for j in jobs)] + metrics
-    columns = {"rank": [], "job": [], "status": [], "overrides": [], "objective": [], "objective_value": [],
-               "config_hash": [], "run_id": [], **{p: [] for p in params}, **{m: [] for m in metrics}}
+    names = ["rank", "job", "status", "overrides", "objective_value", "config_hash", *params, *metrics,
+             "objective", "run_id"]  # what tells the jobs apart first; long, repeated values last
+    columns = {name: [] for name in names}
     for rank, job in enumerate(ordered, 1):
         value = objective_value(job)
         row = {"rank": rank if value is not None else None, "job": job["tags"].get("tunelab.sweep_job", "?"),
@@ -70,7 +71,7 @@ def comparison_table(jobs: List[dict], direction: str) -> dict:
 def description(table: dict, direction: str, failed: int) -> str:
     """Markdown for the parent run's page in the MLflow UI (its Description)."""
     rows = len(table["job"])
-    lines = [f"**Sweep of {rows} jobs** ({failed} did not finish); objective: "
+    lines = [f"**Sweep of {rows} job{'s' * (rows != 1)}** ({failed} did not finish); objective: "
              f"`{table['objective'][0] if rows else '-'}`, {direction}.", "",
              "| rank | job | status | overrides | objective | config hash |", "|---|---|---|---|---|---|"]
     for i in range(rows):

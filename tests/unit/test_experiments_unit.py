@@ -93,3 +93,7 @@ def test_the_sweep_summary_shows_each_jobs_own_overrides_and_error(capsys):
     assert "2 jobs, 1 did not finish" in out.err and "lora.r=0 must be >= 1" in out.err
     assert "lora.r=8" in out.err and "experiment=smoke" not in out.err  # shared overrides are left out
     assert "0.25 (best)" in out.err and "best: job 1 (maximize m), run 1" in out.err
+    assert "error/traceback.txt" in out.err  # a failed job logged its traceback
+    sweep.print_summary([job("0", "KILLED", 8), job("1", "FINISHED", 16)], "parent")
+    killed = capsys.readouterr().err
+    assert "1 did not finish" in killed and "traceback" not in killed  # a killed job has none

@@ -32,6 +32,7 @@ def test_the_table_ranks_jobs_by_the_objective_in_its_direction_failed_last(dire
     assert table["lora.r"][by_job["2"]] == "16" and "seed" not in table and "paths.run_dir" not in table
     assert table["train.final_loss"][by_job["2"]] == 0.7 and table["status"][by_job["1"]] == "FAILED"
     assert table["objective_value"][by_job["1"]] is None and table["config_hash"][by_job["3"]] == "3" * 12
+    assert list(table)[:6] == ["rank", "job", "status", "overrides", "objective_value", "config_hash"]
     assert list(table).index(OBJECTIVE) < list(table).index("base.q5_k_m.all_caps_rate")
     assert len({len(column) for column in table.values()}) == 1
 
