@@ -5,7 +5,7 @@ the MLflow run ends KILLED, as it does on Ctrl-C. After the first SIGINT/SIGTERM
 shielded from more of them for SHIELD_S seconds, so that a second signal (a second Ctrl-C, or
 Ctrl-C reaching a sweep's workers both from the terminal and from the sweep process) cannot cut
 the cleanup short; later ones end the process at once. A sweep process whose jobs run in worker
-processes passes those workers the signal and waits for them (`stop_children`). A run whose
+processes passes those workers the signal and waits for them (`sweep.stop_jobs`). A run whose
 process died without that chance (SIGKILL, power loss) is recognised later by its recorded pid and
 process start time.
 """
@@ -86,6 +86,13 @@ def stop_children(signum: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(children, timeout=STOP_CHILDREN_S)
+
+
+def park(limit_s: float = 600.0) -> None:
+    """Wait, doing nothing, until this process is killed, its parent ends or limit_s has passed."""
+    parent, deadline = os.getppid(), time.monotonic() + limit_s
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _ignores_sigterm(pid: int) -> bool:

@@ -9,13 +9,16 @@ interrupted, `finish` ends the parent run and prints what failed.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 from typing import List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import sweep_results, tracking
+from tunelab import runstate, sweep_results, tracking
 
 MARKER = ".tunelab-sweep.json"
 _active: dict = {}  # the sweep this process started: its tracking config and parent run id
@@ -44,6 +47,30 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         finish(interrupted=False)
+
+
+def stop_jobs(signum: int) -> None:
+    """What the sweep process does on Ctrl-C/SIGTERM before it stops: send SIGTERM to the processes
+    (joblib workers, submitit's local jobs) whose jobs' runs are RUNNING, and wait, at most
+    runstate.STOP_CHILDREN_S, until those runs have ended (the workers then wait to be killed)."""
+    import psutil
+
+    if not _active:  # untracked: no runs to wait for; the workers exit when interrupted
+        runstate.stop_children(signum)
+        return
+    descendants = {child.pid for child in psutil.Process().children(recursive=True)}
+    running = {run_id: pid for run_id, pid in tracking.running_jobs(_active["tracking"], _active["run_id"]).items()
+               if pid in descendants}
+    for pid in set(running.values()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + runstate.STOP_CHILDREN_S
+    while running and time.monotonic() < deadline:
+        time.sleep(0.5)
+        still = tracking.running_jobs(_active["tracking"], _active["run_id"])
+        running = {run_id: pid for run_id, pid in running.items() if run_id in still and psutil.pid_exists(pid)}
 
 
 def parent_run_id(job_output_dir: str) -> Optional[str]:

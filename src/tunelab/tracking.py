@@ -244,6 +244,15 @@ def _log_sweep_results(client, parent, jobs: List[dict], failed: int) -> None:
         client.set_tag(run_id, f"tunelab.{key}", value)
 
 
+def running_jobs(tracking_cfg, parent_run_id: str) -> dict:
+    """The sweep's child runs still RUNNING: run id -> the pid of the process running it."""
+    client = _client(tracking_cfg)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                              "and attributes.status = 'RUNNING'", max_results=10000)
+    return {r.info.run_id: int(r.data.tags["tunelab.pid"]) for r in runs if r.data.tags.get("tunelab.pid", "").isdigit()}
+
+
 # --- reading runs back (tunelab runs, tunelab reproduce) ---
 
 def _summary(run) -> dict:
