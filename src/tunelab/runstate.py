@@ -43,7 +43,7 @@ def _shield(signum, frame) -> None:
 @contextmanager
 def sigterm_raises(on_interrupt: Optional[Callable[[int], None]] = None):
     """Within this block SIGTERM raises Terminated and SIGINT KeyboardInterrupt, once: the process is
-    then shielded (see the module's doc). on_interrupt(signum) runs first (e.g. stop_children).
+    then shielded (see the module's doc). on_interrupt(signum) runs first (e.g. sweep.stop_jobs).
     Only the main thread can own signal handlers; a SIGINT ignored by the parent shell stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
