@@ -6,6 +6,7 @@ Plain subcommands (`tunelab <name> ...`) live in tunelab.commands.<name>, each w
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,15 +49,21 @@ def _task(cfg: DictConfig) -> Optional[float]:
     from rich.console import Console
     from rich.text import Text
 
-    from tunelab import pipeline
+    from tunelab import pipeline, sweep
     from tunelab.config.checks import ConfigError
     from tunelab.data.formats import DataError
     from tunelab.templates.chat import TemplateError
     from tunelab.templates.parity import ParityError
 
     multirun, parent_run_id, tags = _job_context(cfg)
+    if multirun and not sweep.started_here():  # a worker process: Ctrl-C reaches it from the sweep
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # process, as SIGTERM, when its job is running
     try:
         results = pipeline.run(cfg, parent_run_id=parent_run_id, extra_tags=tags)
+    except KeyboardInterrupt as interrupt:  # the run has ended KILLED
+        if multirun:
+            _end_worker(interrupt, tracked=bool(cfg.tracking.enabled))
+        raise
     except (ConfigError, DataError, FileNotFoundError, TemplateError, ParityError) as err:
         # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
         # line breaks inside a long file:line, so every message stays one greppable line.
@@ -66,6 +73,26 @@ def _task(cfg: DictConfig) -> Optional[float]:
             raise  # Hydra marks this job FAILED and goes on with the others
         sys.exit(2)
     return pipeline.objective_value(cfg, results)
+
+
+def _end_worker(interrupt: KeyboardInterrupt, tracked: bool) -> None:
+    """A sweep job interrupted in a worker process (joblib, submitit) has ended its run KILLED. The
+    worker must neither start another job nor exit while other workers are still ending theirs (the
+    joblib pool kills every worker when one dies): it waits to be killed, or for the sweep process to
+    end. Untracked, there is nothing to wait for: it exits, which is what the sweep process waits for."""
+    from tunelab import runstate, sweep
+
+    if sweep.started_here():
+        return  # jobs run in the sweep's own process (the basic launcher): it ends the sweep
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if tracked:
+        runstate.park()
+    os._exit(runstate.exit_code(interrupt))
+
+
+def _multirun(argv) -> bool:
+    return any(arg in ("-m", "--multirun") or arg.replace(" ", "") == "hydra.mode=MULTIRUN" for arg in argv)
 
 
 # name -> module under tunelab.commands with a main(argv: list[str]) -> int
@@ -84,7 +111,8 @@ def main() -> None:
     from tunelab import runstate, sweep
 
     try:
-        with runstate.sigterm_raises():
+        # A sweep's jobs may run in worker processes: a signal to the sweep reaches them too.
+        with runstate.sigterm_raises(on_interrupt=sweep.stop_jobs if _multirun(sys.argv[1:]) else None):
             app()
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: runs and the sweep end KILLED
         sweep.finish(interrupted=True)

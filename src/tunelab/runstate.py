@@ -1,8 +1,13 @@
 """How a process ends, and whether the process that started a run is still alive.
 
 SIGTERM becomes an exception (`Terminated`, a KeyboardInterrupt) so that `finally` blocks run and
-the MLflow run ends KILLED, as it does on Ctrl-C. A run whose process died without that chance
-(SIGKILL, power loss) is recognised later by its recorded pid and process start time.
+the MLflow run ends KILLED, as it does on Ctrl-C. After the first SIGINT/SIGTERM the process is
+shielded from more of them for SHIELD_S seconds, so that a second signal (a second Ctrl-C, or
+Ctrl-C reaching a sweep's workers both from the terminal and from the sweep process) cannot cut
+the cleanup short; later ones end the process at once. A sweep process whose jobs run in worker
+processes passes those workers the signal and waits for them (`sweep.stop_jobs`). A run whose
+process died without that chance (SIGKILL, power loss) is recognised later by its recorded pid and
+process start time.
 """
 from __future__ import annotations
 
@@ -10,8 +15,13 @@ import os
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, List, Optional
+
+SHIELD_S = 60.0  # after the first interrupt, further SIGINT/SIGTERM are ignored this long
+STOP_CHILDREN_S = 120.0  # how long a sweep process waits for its workers to end their runs
+_first_interrupt: List[float] = []
 
 
 class Terminated(KeyboardInterrupt):
@@ -23,21 +33,76 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
+def _shield(signum, frame) -> None:
+    """A signal after the first: ignored while the first one's cleanup runs, fatal after SHIELD_S."""
+    if time.monotonic() - _first_interrupt[0] > SHIELD_S:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 @contextmanager
-def sigterm_raises():
-    """Within this block SIGTERM raises Terminated (only the main thread can own signal handlers)."""
+def sigterm_raises(on_interrupt: Optional[Callable[[int], None]] = None):
+    """Within this block SIGTERM raises Terminated and SIGINT KeyboardInterrupt, once: the process is
+    then shielded (see the module's doc). on_interrupt(signum) runs first (e.g. sweep.stop_jobs).
+    Only the main thread can own signal handlers; a SIGINT ignored by the parent shell stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _raise(signum, frame):
-        raise Terminated(f"received signal {signum}")
+        _first_interrupt.append(time.monotonic())
+        for shielded in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(shielded) is not signal.SIG_IGN:
+                signal.signal(shielded, _shield)
+        if on_interrupt is not None:
+            on_interrupt(signum)
+        raise Terminated(f"received signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN and handler is not _shield:
+            signal.signal(signum, _raise)
+    interrupted = False
     try:
         yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not interrupted:  # after an interrupt the shield stays: the process is on its way out
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def stop_children(signum: int) -> None:
+    """Send SIGTERM to this process's children (a parallel sweep's workers, submitit's local jobs) and
+    wait, at most STOP_CHILDREN_S, for those that do not ignore it to end their runs and exit."""
+    import psutil
+
+    children = [child for child in psutil.Process().children() if not _ignores_sigterm(child.pid)]
+    for child in children:
+        try:
+            child.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=STOP_CHILDREN_S)
+
+
+def park(limit_s: float = 600.0) -> None:
+    """Wait, doing nothing, until this process is killed, its parent ends or limit_s has passed."""
+    parent, deadline = os.getppid(), time.monotonic() + limit_s
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """True for a process with SIGTERM set to SIG_IGN (e.g. joblib's resource tracker), per /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            ignored = next(line for line in status if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(ignored, 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def _create_time(pid: int) -> Optional[float]:

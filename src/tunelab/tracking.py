@@ -8,6 +8,7 @@ by a process that died (SIGKILL) is marked KILLED by the next tunelab command th
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import runstate
+from tunelab import plots, runstate
 from tunelab.paths import RunPaths
 from tunelab.provenance import git_state, package_versions
 
@@ -148,7 +149,7 @@ class Tracker:
         metrics += [Metric("train.learning_rate", s["learning_rate"], 0, s["step"]) for s in steps if "learning_rate" in s]
         if metrics:
             mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=metrics)
-            mlflow.log_figure(_loss_figure(steps), "plots/train_loss.png")
+            mlflow.log_figure(plots.loss_figure(steps), "plots/train_loss.png")
         mlflow.set_tags({f"tunelab.{key}": str(result[key]) for key in
                          ("backend", "backend_reason", "gradient_checkpointing", "gradient_checkpointing_reason")
                          if key in result})
@@ -206,11 +207,50 @@ def finish_sweep_run(tracking_cfg, parent_run_id: str, interrupted: bool) -> Lis
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
         order_by=["attributes.start_time ASC"], max_results=10000)]
     failed = [job for job in jobs if job["status"] != "FINISHED"]
-    client.log_dict(parent_run_id, {"jobs": jobs}, "sweep_summary.json")
-    client.set_tag(parent_run_id, "tunelab.jobs", str(len(jobs)))
-    client.set_tag(parent_run_id, "tunelab.failed_jobs", str(len(failed)))
-    client.set_terminated(parent_run_id, status="KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    try:
+        client.log_dict(parent_run_id, {"jobs": jobs}, "sweep_summary.json")
+        client.set_tag(parent_run_id, "tunelab.jobs", str(len(jobs)))
+        client.set_tag(parent_run_id, "tunelab.failed_jobs", str(len(failed)))
+        if jobs:
+            _log_sweep_results(client, parent, jobs, len(failed))
+    finally:  # whatever went wrong above, the parent run does not stay RUNNING
+        client.set_terminated(parent_run_id, status="KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     return jobs
+
+
+def _log_sweep_results(client, parent, jobs: List[dict], failed: int) -> None:
+    """The jobs compared on the parent run: table, best job (tags and metric), chart, description."""
+    from mlflow.entities import Metric
+
+    from tunelab import sweep_results
+
+    run_id, direction = parent.info.run_id, parent.data.tags.get("tunelab.objective_direction", "maximize")
+    table = sweep_results.comparison_table(jobs, direction)
+    client.log_table(run_id, table, "sweep/comparison.json")
+    client.log_figure(run_id, plots.sweep_objective_figure(table, direction), "plots/sweep_objective.png")
+    client.set_tag(run_id, "mlflow.note.content", sweep_results.description(table, direction, failed))
+    now = int(time.time() * 1000)
+    values = [Metric("sweep.objective", value, now, int(job)) for job, value in
+              zip(table["job"], table["objective_value"]) if value is not None and job.isdigit()]
+    client.log_batch(run_id, metrics=values)
+    best = sweep_results.best_job(jobs, direction)
+    if best is None:
+        return
+    objective = best["tags"]["tunelab.objective"]
+    client.log_metric(run_id, f"best.{objective}", sweep_results.objective_value(best))
+    for key, value in {"best_run_id": best["run_id"], "best_job": best["tags"].get("tunelab.sweep_job", ""),
+                       "best_config_hash": best["tags"].get("tunelab.config_hash", ""),
+                       "best_overrides": best["tags"].get("tunelab.overrides", ""), "objective": objective}.items():
+        client.set_tag(run_id, f"tunelab.{key}", value)
+
+
+def running_jobs(tracking_cfg, parent_run_id: str) -> dict:
+    """The sweep's child runs still RUNNING: run id -> the pid of the process running it."""
+    client = _client(tracking_cfg)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                              "and attributes.status = 'RUNNING'", max_results=10000)
+    return {r.info.run_id: int(r.data.tags["tunelab.pid"]) for r in runs if r.data.tags.get("tunelab.pid", "").isdigit()}
 
 
 # --- reading runs back (tunelab runs, tunelab reproduce) ---
@@ -262,19 +302,3 @@ def _artifact_uri(location: Optional[str], experiment: str) -> Optional[str]:
     if not location:
         return None
     return (Path(location).resolve() / experiment).as_uri()
-
-
-def _loss_figure(steps):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (assistant tokens)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig

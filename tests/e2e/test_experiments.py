@@ -175,3 +175,32 @@ def test_runs_prints_a_sorted_table_and_hashes(lab):
     for run in jobs:
         row = next(row for row in rows if row.split()[1] == run.info.run_id[:8])
         assert run.info.status in row and run.data.tags.get("tunelab.config_hash", "")[:8] in row
+
+
+def test_a_parallel_sweep_runs_its_jobs_at_once_in_worker_processes_and_compares_them(tmp_path):
+    ok(tunelab(tmp_path, "-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "training.threads=1",
+               "eval.threads=1", "lora.r=4,8", f"hydra.sweep.dir={tmp_path}/sweep"))
+    client, runs = runs_of(tmp_path)
+    [parent] = [r for r in runs if r.data.tags.get("tunelab.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 2
+    assert sorted(o for c in children for o in c.data.tags["tunelab.overrides"].split() if o.startswith("lora.r=")) \
+        == ["lora.r=4", "lora.r=8"]
+    hashes = {c.data.tags["tunelab.config_hash"] for c in children}
+    assert len(hashes) == 2 and all(len(h) == 64 for h in hashes)
+    pids = {c.data.tags["tunelab.pid"] for c in children}
+    assert len(pids) == 2 and parent.data.tags["tunelab.pid"] not in pids  # two worker processes
+    assert max(c.info.start_time for c in children) < min(c.info.end_time for c in children)  # at once
+
+    # The parent run compares them: a table best first, the best job's objective, a chart.
+    objective = children[0].data.tags["tunelab.objective"]
+    values = {c.info.run_id: c.data.metrics[objective] for c in children}
+    assert parent.data.metrics[f"best.{objective}"] == max(values.values())
+    assert values[parent.data.tags["tunelab.best_run_id"]] == max(values.values())
+    table = json.loads(open(client.download_artifacts(parent.info.run_id, "sweep/comparison.json", str(tmp_path))).read())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [row["run_id"] for row in rows][0] == parent.data.tags["tunelab.best_run_id"]
+    assert {row["run_id"]: row["objective_value"] for row in rows} == values
+    assert {row["config_hash"] for row in rows} == {h[:12] for h in hashes} and {row["lora.r"] for row in rows} == {"4", "8"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/sweep_objective.png"}
+    assert "**Sweep of 2 jobs** (0 did not finish)" in parent.data.tags["mlflow.note.content"]

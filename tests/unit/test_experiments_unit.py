@@ -83,11 +83,17 @@ def test_the_sweep_summary_shows_each_jobs_own_overrides_and_error(capsys):
     from tunelab import sweep
 
     def job(num, status, r, error=""):
-        return {"status": status, "tags": {"tunelab.sweep_job": num, "tunelab.overrides": f"experiment=smoke lora.r={r}",
-                                           "tunelab.error": error}}
+        return {"run_id": num, "status": status, "metrics": {"m": 0.25} if status == "FINISHED" else {},
+                "tags": {"tunelab.sweep_job": num, "tunelab.overrides": f"experiment=smoke lora.r={r}",
+                         "tunelab.error": error, "tunelab.objective": "m"}}
 
     sweep.print_summary([job("0", "FAILED", 0, "ConfigError: invalid config:\n  - lora.r=0 must be >= 1"),
                          job("1", "FINISHED", 8)], "parent")
     out = capsys.readouterr()
     assert "2 jobs, 1 did not finish" in out.err and "lora.r=0 must be >= 1" in out.err
     assert "lora.r=8" in out.err and "experiment=smoke" not in out.err  # shared overrides are left out
+    assert "0.25 (best)" in out.err and "best: job 1 (maximize m), run 1" in out.err
+    assert "error/traceback.txt" in out.err  # a failed job logged its traceback
+    sweep.print_summary([job("0", "KILLED", 8), job("1", "FINISHED", 16)], "parent")
+    killed = capsys.readouterr().err
+    assert "1 did not finish" in killed and "traceback" not in killed  # a killed job has none

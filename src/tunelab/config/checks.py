@@ -175,6 +175,7 @@ def check_sweep(cfg) -> List[str]:
     problems = _choice("sweep.objective's variant", variant, ("finetuned", "base"))
     problems += _choice("sweep.objective's quantization", quant, list(cfg.quantization.types))
     problems += _choice("sweep.objective's metric", metric, [*cfg.eval.metrics, "file_size"])
+    problems += _choice("sweep.direction", cfg.sweep.direction, ("maximize", "minimize"))
     return problems
 
 

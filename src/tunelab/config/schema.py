@@ -220,6 +220,8 @@ class CacheConfig:
 class SweepConfig:
     # The metric a sweep optimises (Optuna) and `tunelab runs` sorts by: <variant>.<quant>.<metric>.
     objective: str = "finetuned.${quantization.ship}.${eval.headline}"
+    # maximize | minimize: which value of the objective is best (Optuna, the sweep's best job).
+    direction: str = "maximize"
 
 
 @dataclass
