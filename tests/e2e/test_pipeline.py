@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ def tunelab(tmp_path, *overrides):
     cmd = [sys.executable, "-m", "tunelab", "experiment=smoke", f"paths.run_dir={tmp_path}/run",
            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts",
            f"cache.dir={tmp_path}/stages", *overrides]  # a fresh stage cache: every stage really runs
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "COLUMNS": "80"}  # the terminal tables' layout (checked below) depends on width
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")
