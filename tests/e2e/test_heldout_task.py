@@ -18,6 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
+from reference_logits import answer_logprobs
 from tunelab.config.schema import ModelConfig, TemplateConfig
 from tunelab.models.source import load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
@@ -88,29 +89,9 @@ def independent_metrics(choices) -> dict:
             "mean_answer_words": np.mean([len(a.split()) for a in answers])}
 
 
-def independent_logprobs(path: Path, tokenizer):
-    """Per row: the reference answer's tokens through <|im_end|> and the log-softmax of logits_all."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
-    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    out = []
-    for row in ROWS:
-        prompt = tokenizer.apply_chat_template(row[:-1], add_generation_prompt=True, tokenize=False)
-        tokens = llm.tokenize(tokenizer.apply_chat_template(row, tokenize=False).encode(), add_bos=False, special=True)
-        start = len(llm.tokenize(prompt.encode(), add_bos=False, special=True))
-        end = tokens.index(eot, start) + 1
-        llm.reset()
-        llm.eval(tokens[:end])
-        logits = np.asarray(llm.scores[start - 1:end - 1], dtype=np.float64)
-        logits -= logits.max(1, keepdims=True)
-        out.append((tokens[start:end], logits - np.log(np.exp(logits).sum(1, keepdims=True))))
-    return out
-
-
 def test_evaluate_on_another_task_agrees_with_an_independent_recomputation(task_run, compose_cfg):
     paths, files, tokenizer = task_run
-    expected_logp = {q: independent_logprobs(files[q], tokenizer) for q in QUANTS}
+    expected_logp = {q: answer_logprobs(files[q], tokenizer, ROWS) for q in QUANTS}
     n = sum(len(t) for t, _ in expected_logp["f16"])
     kl = sum(float((np.exp(r) * (r - p)).sum()) for (_, r), (_, p) in zip(expected_logp["f16"], expected_logp["q5_k_m"]))
     kl /= n

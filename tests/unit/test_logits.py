@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
+from reference_logits import answer_logprobs
 from tunelab.config.schema import ModelConfig, TemplateConfig
 from tunelab.eval.decode import run_rows
 from tunelab.eval.generate import embedded_template, generate, load_gguf, prompt_ids
@@ -47,32 +48,9 @@ def tiny(tmp_path_factory):
     return {q: Path(info["path"]) for q, info in files.items()}, tokenizer, paths.run_dir
 
 
-def independent_answer_logprobs(path: Path, tokenizer):
-    """Per conversation: the answer tokens (through <|im_end|>) and the log-softmax of logits_all."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
-    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    out = []
-    for messages in CONVERSATIONS:
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        assert full.startswith(prompt)
-        tokens = llm.tokenize(full.encode(), add_bos=False, special=True)
-        start = len(llm.tokenize(prompt.encode(), add_bos=False, special=True))
-        end = tokens.index(eot, start) + 1
-        llm.reset()
-        llm.eval(tokens)
-        logits = np.asarray(llm.scores[start - 1:end - 1], dtype=np.float64)
-        logp = logits - logits.max(1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-        out.append((tokens[start:end], logp))
-    return out
-
-
 def test_perplexity_and_kl_agree_with_llama_cpp_logits_all(tiny):
     files, tokenizer, run_dir = tiny
-    expected = {q: independent_answer_logprobs(path, tokenizer) for q, path in files.items()}
+    expected = {q: answer_logprobs(path, tokenizer, CONVERSATIONS) for q, path in files.items()}
     nll = {q: -sum(logp[np.arange(len(t)), t].sum() for t, logp in rows) for q, rows in expected.items()}
     n = sum(len(t) for t, _ in expected["f16"])
     kl = sum((np.exp(r) * (r - q)).sum() for (_, r), (_, q) in zip(expected["f16"], expected["q4_k_m"])) / n
