@@ -79,8 +79,10 @@ def test_a_sweep_job_finds_its_parent_run_in_the_sweep_folder(tmp_path):
     assert sweep.parent_run_id(str(tmp_path / "sweep/3")) == "abc"
 
 
-def test_the_sweep_summary_shows_each_jobs_own_overrides_and_error(capsys):
+def test_the_sweep_summary_shows_each_jobs_own_overrides_and_error(capsys, monkeypatch):
     from tunelab import sweep
+
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal, so no cell is wrapped (pytest's is 80)
 
     def job(num, status, r, error=""):
         return {"run_id": num, "status": status, "metrics": {"m": 0.25} if status == "FINISHED" else {},
