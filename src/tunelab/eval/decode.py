@@ -21,7 +21,7 @@ step) changes some greedy answers where two tokens nearly tie (docs/evaluation.m
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -36,12 +36,29 @@ class Completion:
 
 @dataclass
 class Timing:
-    prompt_tokens: int = 0  # prompt tokens decoded (after the prefix reused from the KV cache)
+    """Over one GGUF's pass: prompt tokens llama.cpp evaluated (after the prefix reused from the KV
+    cache), reference-answer tokens evaluated for the logit pass, tokens generated (one per step and
+    row), the seconds of each, and the wall time of the whole loop (set by its caller)."""
+
+    prompt_tokens: int = 0
     prompt_seconds: float = 0.0
-    reference_tokens: int = 0  # reference answer tokens decoded for the logit pass
-    reference_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    reference_tokens: int = 0
+    reference_seconds: float = 0.0
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def gen_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "prompt_tokens_per_s": self.prompt_tokens_per_s,
+                "gen_tokens_per_s": self.gen_tokens_per_s}
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

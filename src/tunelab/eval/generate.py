@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence
 
@@ -57,40 +56,13 @@ def prompt_ids(llm, template: ChatTemplate, prompt: Sequence[Message]) -> List[i
     return tokenize(llm, template.render(list(prompt), add_generation_prompt=True))
 
 
-@dataclass
-class Speed:
-    """Over one GGUF's evaluation loop: prompt tokens llama.cpp evaluated (after the prefix reused
-    from the KV cache), reference-answer tokens evaluated for the logit pass, tokens generated (one
-    per step and row), the seconds of each, and the wall time of the whole loop."""
-
-    prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generated_tokens: int = 0
-    generation_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    reference_tokens: int = 0
-    reference_seconds: float = 0.0
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
-
-    @property
-    def gen_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "prompt_tokens_per_s": self.prompt_tokens_per_s,
-                "gen_tokens_per_s": self.gen_tokens_per_s}
-
-
 def generate(llm, template: ChatTemplate, conversations, max_new_tokens: int, temperature: float,
              stop: Sequence[str] = (), progress=None, scores=None):
     """Answer each conversation's last prompt (everything before its final assistant turn), greedily
     (`tunelab.eval.decode`). With `scores` (an AnswerScores over these conversations'
     AnswerSequences), the same pass scores the reference answers.
 
-    Returns (generations, Speed).
+    Returns (generations, Timing of the pass with its wall time).
     """
     if temperature != 0:
         raise ValueError(f"eval.temperature={temperature}: evaluation decodes greedily (0.0), so that its "
@@ -100,10 +72,9 @@ def generate(llm, template: ChatTemplate, conversations, max_new_tokens: int, te
     started = time.perf_counter()
     completions, timing = run_rows(llm, prompts, scores.sequences if scores else None, max_new_tokens, stops,
                                    on_logits=scores.add if scores else None, progress=progress)
-    speed = Speed(timing.prompt_tokens, timing.prompt_seconds, timing.generated_tokens, timing.generation_seconds,
-                  time.perf_counter() - started, timing.reference_tokens, timing.reference_seconds)
+    timing.wall_seconds = time.perf_counter() - started
     results = [Generation(prompt=messages[-2]["content"], reference=messages[-1]["content"], answer=done.text,
                           finish_reason=done.finish_reason, completion_tokens=len(done.tokens),
                           prompt_tokens=len(ids))
                for messages, done, ids in zip(conversations, completions, prompts)]
-    return results, speed
+    return results, timing
