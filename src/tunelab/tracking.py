@@ -203,9 +203,7 @@ def finish_sweep_run(tracking_cfg, parent_run_id: str, interrupted: bool) -> Lis
     """End the parent run (FAILED if any job did not finish, KILLED if interrupted); returns the jobs."""
     client = _client(tracking_cfg)
     parent = client.get_run(parent_run_id)
-    jobs = [_summary(r) for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"], max_results=10000)]
+    jobs = [_summary(r) for r in _child_runs(client, parent)]
     failed = [job for job in jobs if job["status"] != "FINISHED"]
     try:
         client.log_dict(parent_run_id, {"jobs": jobs}, "sweep_summary.json")
@@ -247,10 +245,15 @@ def _log_sweep_results(client, parent, jobs: List[dict], failed: int) -> None:
 def running_jobs(tracking_cfg, parent_run_id: str) -> dict:
     """The sweep's child runs still RUNNING: run id -> the pid of the process running it."""
     client = _client(tracking_cfg)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                              "and attributes.status = 'RUNNING'", max_results=10000)
+    runs = _child_runs(client, client.get_run(parent_run_id), "and attributes.status = 'RUNNING'")
     return {r.info.run_id: int(r.data.tags["tunelab.pid"]) for r in runs if r.data.tags.get("tunelab.pid", "").isdigit()}
+
+
+def _child_runs(client, parent, extra_filter: str = ""):
+    """The sweep's job runs (nested under `parent`), oldest first; extra_filter narrows them."""
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}' {extra_filter}".strip(),
+                              order_by=["attributes.start_time ASC"], max_results=10000)
 
 
 # --- reading runs back (tunelab runs, tunelab reproduce) ---
