@@ -124,7 +124,7 @@ def run_raw_hf(folder: Path, args):
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEAR,
                                              task_type="CAUSAL_LM"))
-    return model, None
+    return model
 
 
 def run_raw_unsloth(folder: Path, args):
@@ -137,7 +137,7 @@ def run_raw_unsloth(folder: Path, args):
     gc = {"off": False, "on": True, "unsloth": "unsloth"}[raw_checkpointing("unsloth", args.gc)]
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEAR,
                                              bias="none", use_gradient_checkpointing=gc, random_state=0)
-    return model, None
+    return model
 
 
 def tunelab_cfg(backend: str, args):
@@ -169,7 +169,8 @@ def load_tunelab(backend: str, folder: Path, args):
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
 
     class StepTimer(TrainerCallback):
-        times: list = []
+        def __init__(self):
+            self.times = []
 
         def on_step_begin(self, *a, **k):
             torch.cuda.synchronize()
@@ -182,7 +183,6 @@ def load_tunelab(backend: str, folder: Path, args):
     def train(batches, warmup):
         rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for ids in batches for row in ids]
         timer = StepTimer()
-        timer.times = []
         cfg.training.max_steps = len(batches)
         with tempfile.TemporaryDirectory() as out:
             trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(rows), Path(out), plan, [timer])
@@ -194,11 +194,12 @@ def load_tunelab(backend: str, folder: Path, args):
 
 
 def load_contender(name: str, folder: Path, args):
-    """(model, train(batches, warmup) -> step times, plan) for one contender."""
+    """(model, train(batches, warmup) -> step times, plan with its gradient_checkpointing) for one contender."""
     if name.startswith("tunelab-"):
         return load_tunelab(name.split("-", 1)[1], folder, args)
-    model, _ = (run_raw_unsloth if name == "unsloth" else run_raw_hf)(folder, args)
-    return model, lambda batches, warmup: time_loop(model, batches, warmup), {}
+    model = (run_raw_unsloth if name == "unsloth" else run_raw_hf)(folder, args)
+    plan = {"gradient_checkpointing": raw_checkpointing(name, args.gc)}
+    return model, lambda batches, warmup: time_loop(model, batches, warmup), plan
 
 
 def worker(args) -> dict:
@@ -209,15 +210,14 @@ def worker(args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     model, train, plan = load_contender(args.worker, folder, args)
     times = train(batches, args.warmup)
-    checkpointing = plan.get("gradient_checkpointing") or raw_checkpointing(args.worker, args.gc)
     step = statistics.median(times)
     tokens_per_s = args.batch * args.seq / step
     lora = lora_param_count(model)
     flops = flops_per_token(SHAPES[args.shape], args.seq, lora)
     return {"contender": args.label, "tokens_per_s": tokens_per_s, "step_s": step,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "mfu": flops * tokens_per_s / PEAK_FLOPS,
-            "gflop_per_token": flops / 1e9, "lora_params": lora, "checkpointing": checkpointing, "plan": plan,
-            "micro_batch": args.micro_batch or args.batch}
+            "gflop_per_token": flops / 1e9, "lora_params": lora, "checkpointing": plan["gradient_checkpointing"],
+            "plan": plan, "micro_batch": args.micro_batch or args.batch}
 
 
 def probe_max_seq(args) -> dict:
@@ -228,10 +228,10 @@ def probe_max_seq(args) -> dict:
     import torch
 
     folder = model_folder(args.shape, Path(args.model_root))
-    limit = args.seq
+    start = args.seq
     args.seq, args.batch, args.micro_batch = args.max_seq_limit, 1, None
     model, train, plan = load_contender(args.worker, folder, args)
-    fitted, seq = 0, limit
+    fitted, seq = 0, start
     while seq <= args.max_seq_limit:
         try:
             train(token_batches(1, 1, seq, SHAPES[args.shape]["vocab_size"]), 0)
@@ -240,8 +240,7 @@ def probe_max_seq(args) -> dict:
         fitted, seq = seq, seq * 2
         gc.collect()
         torch.cuda.empty_cache()
-    checkpointing = plan.get("gradient_checkpointing") or raw_checkpointing(args.worker, args.gc)
-    return {"contender": args.label, "max_seq": fitted, "checkpointing": checkpointing}
+    return {"contender": args.label, "max_seq": fitted, "checkpointing": plan["gradient_checkpointing"]}
 
 
 def parse_contender(spec: str) -> Tuple[str, dict]:
