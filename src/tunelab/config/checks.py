@@ -141,6 +141,8 @@ def check_eval(cfg) -> List[str]:
         problems.append(f"eval.headline={e.headline!r} is not one of eval.metrics: {', '.join(e.metrics)}")
     if e.max_new_tokens < 1:
         problems.append(f"eval.max_new_tokens={e.max_new_tokens} must be >= 1")
+    if e.parallel_rows < 1:
+        problems.append(f"eval.parallel_rows={e.parallel_rows} must be >= 1 (1: rows one at a time)")
     if e.temperature != 0:
         problems.append(f"eval.temperature={e.temperature}: evaluation decodes greedily (0.0), so that its answers "
                         "can be recomputed from the GGUF files")

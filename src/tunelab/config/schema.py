@@ -180,6 +180,10 @@ class EvalConfig:
     temperature: float = 0.0  # greedy only: answers must be recomputable from the GGUF
     n_ctx: int = 512
     threads: Optional[int] = None
+    # Rows whose greedy steps share one llama.cpp call (one KV-cache stream each: n_ctx cells per row).
+    # Used only where the GGUF's kernels give every row the logits it gets alone (probed per GGUF,
+    # see tunelab.eval.parallel); otherwise rows go one at a time. 1: always one at a time.
+    parallel_rows: int = 8
     evaluate_base: bool = True
     # name -> {_target_: dotted.path.to.callable, **its keyword arguments}; each callable gets the
     # list of Generation (see tunelab.eval.metrics for the built-ins)

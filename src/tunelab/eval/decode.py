@@ -14,9 +14,8 @@ Per row, on the loaded model's own context (one sequence, its KV cache carried f
    handling of an incomplete UTF-8 character).
 
 This is what `create_completion` does, batch for batch, so the answers are its answers token for
-token. Batches matter: llama.cpp's CPU kernels round a single token differently from several
-(tinyBLAS takes batches of 2-4 or more), so decoding several rows at once (one llama_decode per
-step) changes some greedy answers where two tokens nearly tie (docs/evaluation.md has the numbers).
+token. Several rows can take their greedy steps together (`tunelab.eval.parallel`), but only where
+llama.cpp's kernels give each row the same logits as alone: that is probed per loaded GGUF.
 """
 from __future__ import annotations
 
@@ -37,13 +36,19 @@ class Completion:
 @dataclass
 class Timing:
     """Over one GGUF's pass: prompt tokens llama.cpp evaluated (after the prefix reused from the KV
-    cache), reference-answer tokens evaluated for the logit pass, tokens generated (one per step and
-    row), the seconds of each, and the wall time of the whole loop (set by its caller)."""
+    cache), reference-answer tokens evaluated for the logit pass, answer tokens generated, the
+    greedy steps (one llama_decode per step, one token per row in it) and the seconds of each, the
+    steps of rows decoded alone (`stream_`: the speed one request gets), how many rows took their
+    steps together at most, and the wall time of the whole loop (set by its caller)."""
 
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
+    step_tokens: int = 0
     generation_seconds: float = 0.0
+    stream_step_tokens: int = 0
+    stream_seconds: float = 0.0
+    rows_together: int = 1
     wall_seconds: float = 0.0
     reference_tokens: int = 0
     reference_seconds: float = 0.0
@@ -54,11 +59,24 @@ class Timing:
 
     @property
     def gen_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+        """One row at a time: the generation speed of this GGUF for one request."""
+        return self.stream_step_tokens / self.stream_seconds if self.stream_seconds else 0.0
+
+    @property
+    def eval_gen_tokens_per_s(self) -> float:
+        """Every step of the pass, rows together where they were."""
+        return self.step_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    def add_steps(self, tokens: int, seconds: float, alone: bool) -> None:
+        self.step_tokens += tokens
+        self.generation_seconds += seconds
+        if alone:
+            self.stream_step_tokens += tokens
+            self.stream_seconds += seconds
 
     def as_dict(self) -> dict:
         return {**asdict(self), "prompt_tokens_per_s": self.prompt_tokens_per_s,
-                "gen_tokens_per_s": self.gen_tokens_per_s}
+                "gen_tokens_per_s": self.gen_tokens_per_s, "eval_gen_tokens_per_s": self.eval_gen_tokens_per_s}
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -111,36 +129,43 @@ class _Answer:
 
 
 class Decoder:
-    """The Llama's context, driven token by token; `cached` mirrors what its KV cache holds."""
+    """One sequence of a llama.cpp context, driven token by token; `cached` mirrors what its KV cache
+    holds. Without `ctx`: the loaded model's own context (sequence 0), as create_completion uses it."""
 
-    def __init__(self, llm, stops: Sequence[str]):
+    def __init__(self, llm, stops: Sequence[str], ctx=None, seq: int = 0, batch=None):
         import llama_cpp
 
-        self.llm, self.lib, self.ctx = llm, llama_cpp, llm.ctx
+        self.llm, self.lib, self.seq = llm, llama_cpp, seq
+        self.ctx = llm.ctx if ctx is None else ctx
         self.n_vocab, self.n_batch = llm.n_vocab(), llm.n_batch
         self.stops = [s.encode("utf-8") for s in stops]
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.own_context = ctx is None
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1) if batch is None else batch
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self.is_eog = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
-        llama_cpp.llama_memory_clear(self.memory, True)
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, 0, -1)
         self.cached: List[int] = []
 
     def close(self) -> None:
-        self.lib.llama_batch_free(self.batch)
-        self.lib.llama_memory_clear(self.memory, True)
-        self.llm.reset()  # llama-cpp-python's own record of the KV cache is stale now
+        if self.own_context:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_memory_clear(self.memory, True)
+            self.llm.reset()  # llama-cpp-python's own record of the KV cache is stale now
 
     def keep(self, tokens: Sequence[int], limit: int) -> int:
         """Keeps the cached prefix of `tokens` (at most `limit` tokens) and drops the rest."""
         n = min(common_prefix(self.cached, tokens), limit)
-        self.lib.llama_memory_seq_rm(self.memory, 0, n, -1)
+        self.lib.llama_memory_seq_rm(self.memory, self.seq, n, -1)
         self.cached = list(tokens[:n])
         return n
 
+    def logits(self, j: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, j), shape=(self.n_vocab,)).copy()
+
     def decode(self, tokens: Sequence[int], first_output: int) -> List[np.ndarray]:
-        """Decodes `tokens` after the cached ones, in batches of n_batch, and returns copies of the
-        logits at positions >= first_output."""
+        """Decodes `tokens` after the cached ones, in batches of n_batch of this sequence alone, and
+        returns copies of the logits at positions >= first_output."""
         rows, batch = [], self.batch
         for begin in range(0, len(tokens), self.n_batch):
             part = tokens[begin:begin + self.n_batch]
@@ -148,12 +173,11 @@ class Decoder:
             batch.n_tokens = len(part)
             for j, token in enumerate(part):
                 batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, start + j, 1
-                batch.seq_id[j][0], batch.logits[j] = 0, start + j >= first_output
+                batch.seq_id[j][0], batch.logits[j] = self.seq, start + j >= first_output
             if self.lib.llama_decode(self.ctx, batch) != 0:
                 raise RuntimeError(f"llama_decode failed on a batch of {len(part)} tokens")
             self.cached += part
-            rows += [np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, j), shape=(self.n_vocab,)).copy()
-                     for j in range(len(part)) if start + j >= first_output]
+            rows += [self.logits(j) for j in range(len(part)) if start + j >= first_output]
         return rows
 
     def greedy(self, answer: _Answer, logits: np.ndarray) -> None:
@@ -185,52 +209,75 @@ def _reference(decoder: Decoder, sequence, prompt: Optional[List[int]], timing: 
 
 def _generate(decoder: Decoder, answer: _Answer, timing: Timing) -> None:
     """Step 3: one token per llama_decode until the answer stops."""
-    started = time.perf_counter()
+    started, steps = time.perf_counter(), 0
     while answer.finish is None:
         decoder.greedy(answer, decoder.decode([answer.tokens[-1]], len(decoder.cached))[-1])
-    timing.generated_tokens += len(answer.tokens)
-    timing.generation_seconds += time.perf_counter() - started
+        steps += 1
+    timing.add_steps(steps, time.perf_counter() - started, alone=True)
 
 
-def run_rows(llm, prompts: Optional[List[List[int]]], sequences, max_new_tokens: int, stops: Sequence[str],
-             on_logits=None, progress=None):
-    """Greedy answers to `prompts` (None: no generation) and, for each of `sequences` (AnswerSequence;
-    None: no logit pass), the raw logits at its answer positions, passed to on_logits(row index, array
-    of shape (answer tokens, vocabulary)). Returns ([Completion or None per row], Timing)."""
-    n_ctx, timing = llm.n_ctx(), Timing()
-    decoder, completions = Decoder(llm, stops), []
-    try:
-        for index in range(len(prompts) if prompts is not None else len(sequences)):
-            prompt = prompts[index] if prompts is not None else None
-            sequence = sequences[index] if sequences is not None else None
-            completions.append(_row(decoder, index, prompt, sequence, max_new_tokens, n_ctx, on_logits, timing))
-            if progress:
-                progress()
-    finally:
-        decoder.close()
-    return completions, timing
-
-
-def _row(decoder: Decoder, index: int, prompt, sequence, max_new_tokens: int, n_ctx: int, on_logits,
-         timing: Timing) -> Optional[Completion]:
-    if prompt is None:
-        on_logits(index, np.stack(_reference(decoder, sequence, None, timing)))
-        return None
+def start_row(decoder: Decoder, index: int, prompt: List[int], sequence, max_new_tokens: int, n_ctx: int,
+              on_logits, timing: Timing) -> _Answer:
+    """Steps 1 and 2 and the answer's first token."""
     if len(prompt) >= n_ctx:
         raise ValueError(f"eval row {index + 1}: its prompt's {len(prompt)} tokens do not fit eval.n_ctx={n_ctx}; "
                          "raise eval.n_ctx")
     # as create_completion: the answer may fill the context, no more
     answer = _Answer(prompt, max_new_tokens if max_new_tokens + len(prompt) < n_ctx else n_ctx - len(prompt))
     first = _prompt(decoder, prompt, timing)
-    straddles = sequence is not None and sequence.start < len(prompt)
-    if sequence is not None and not straddles:
+    if sequence is not None and not _straddles(sequence, prompt):
         on_logits(index, np.stack([first] + _reference(decoder, sequence, prompt, timing)))
         decoder.keep(prompt, len(prompt))  # the reference leaves the KV cache
     decoder.greedy(answer, first)
-    if answer.finish is None:
-        _generate(decoder, answer, timing)
-    else:
-        timing.generated_tokens += len(answer.tokens)
-    if straddles:
+    return answer
+
+
+def finish_row(decoder: Decoder, index: int, answer: _Answer, sequence, on_logits, timing: Timing) -> Completion:
+    timing.generated_tokens += len(answer.tokens)
+    if sequence is not None and _straddles(sequence, answer.prompt):
         on_logits(index, np.stack(_reference(decoder, sequence, None, timing)))
     return Completion(answer.tokens, answer.text.decode("utf-8", errors="ignore"), answer.finish)
+
+
+def _straddles(sequence, prompt: List[int]) -> bool:
+    return sequence.start < len(prompt)
+
+
+def alone(decoder: Decoder, index: int, prompts, sequences, max_new_tokens: int, n_ctx: int, on_logits,
+          timing: Timing) -> Optional[Completion]:
+    """One row from start to finish on its own (no prompts: the logit pass alone)."""
+    sequence = sequences[index] if sequences is not None else None
+    if prompts is None:
+        on_logits(index, np.stack(_reference(decoder, sequence, None, timing)))
+        return None
+    answer = start_row(decoder, index, prompts[index], sequence, max_new_tokens, n_ctx, on_logits, timing)
+    if answer.finish is None:
+        _generate(decoder, answer, timing)
+    return finish_row(decoder, index, answer, sequence, on_logits, timing)
+
+
+def run_rows(llm, prompts: Optional[List[List[int]]], sequences, max_new_tokens: int, stops: Sequence[str],
+             on_logits=None, progress=None, parallel_rows: int = 1):
+    """Greedy answers to `prompts` (None: no generation) and, for each of `sequences` (AnswerSequence;
+    None: no logit pass), the raw logits at its answer positions, passed to on_logits(row index, array
+    of shape (answer tokens, vocabulary)). Up to `parallel_rows` rows take their greedy steps
+    together where that changes no logit (`tunelab.eval.parallel`). Returns ([Completion or None per
+    row], Timing)."""
+    from tunelab.eval.parallel import run_together  # it builds on this module
+
+    n_ctx, timing = llm.n_ctx(), Timing()
+    count = len(prompts) if prompts is not None else len(sequences)
+    if prompts is not None and parallel_rows > 1 and count > 1:
+        together = run_together(llm, prompts, sequences, max_new_tokens, stops, on_logits, progress,
+                                min(parallel_rows, count), timing)
+        if together is not None:
+            return together, timing
+    decoder, completions = Decoder(llm, stops), []
+    try:
+        for index in range(count):
+            completions.append(alone(decoder, index, prompts, sequences, max_new_tokens, n_ctx, on_logits, timing))
+            if progress:
+                progress()
+    finally:
+        decoder.close()
+    return completions, timing

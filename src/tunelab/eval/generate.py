@@ -57,10 +57,11 @@ def prompt_ids(llm, template: ChatTemplate, prompt: Sequence[Message]) -> List[i
 
 
 def generate(llm, template: ChatTemplate, conversations, max_new_tokens: int, temperature: float,
-             stop: Sequence[str] = (), progress=None, scores=None):
+             stop: Sequence[str] = (), progress=None, scores=None, parallel_rows: int = 1):
     """Answer each conversation's last prompt (everything before its final assistant turn), greedily
     (`tunelab.eval.decode`). With `scores` (an AnswerScores over these conversations'
-    AnswerSequences), the same pass scores the reference answers.
+    AnswerSequences), the same pass scores the reference answers. Up to `parallel_rows` rows take
+    their greedy steps together where the GGUF's kernels allow it without changing an answer.
 
     Returns (generations, Timing of the pass with its wall time).
     """
@@ -71,7 +72,8 @@ def generate(llm, template: ChatTemplate, conversations, max_new_tokens: int, te
     prompts = [prompt_ids(llm, template, messages[:-1]) for messages in conversations]
     started = time.perf_counter()
     completions, timing = run_rows(llm, prompts, scores.sequences if scores else None, max_new_tokens, stops,
-                                   on_logits=scores.add if scores else None, progress=progress)
+                                   on_logits=scores.add if scores else None, progress=progress,
+                                   parallel_rows=parallel_rows)
     timing.wall_seconds = time.perf_counter() - started
     results = [Generation(prompt=messages[-2]["content"], reference=messages[-1]["content"], answer=done.text,
                           finish_reason=done.finish_reason, completion_tokens=len(done.tokens),

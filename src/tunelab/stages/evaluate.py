@@ -90,7 +90,7 @@ def evaluate_gguf(cfg, path: Path, conversations, metric_fns: dict, score_logits
     if score_logits is not None:
         logit_scores = score_logits(llm, answer_sequences(llm, template, conversations, cfg.eval.n_ctx))
     gens, speed = generate(llm, template, conversations, cfg.eval.max_new_tokens, cfg.eval.temperature,
-                           list(cfg.template.stop), progress, logit_scores)
+                           list(cfg.template.stop), progress, logit_scores, cfg.eval.parallel_rows)
     scores = {name: float(fn(gens)) for name, fn in metric_fns.items()}
     if logit_scores is not None:
         scores.update(logit_scores.result())
