@@ -11,7 +11,9 @@ for another) greedily:
                       conf/eval/tweets.yaml
   tunelab, all        evaluate_gguf as the evaluate stage runs it by default: the same plus perplexity
                       of the reference answers and the log-probabilities KL divergence is computed from
-                      (as the reference GGUF: written to a temporary file)
+                      (as the reference GGUF: written to a temporary file); rows step together where
+                      the GGUF's kernels allow it (eval.parallel_rows, probed per GGUF)
+  tunelab, all, 1 row the same with eval.parallel_rows=1: rows one at a time
   minimal + ppl       the minimal script plus what it takes to get the reference answers' perplexity
                       with plain llama-cpp-python: a second Llama(logits_all=True) evaluating prompt +
                       reference answer per row, log-softmax in numpy
@@ -112,9 +114,10 @@ def llama_chat_formatter(llm):
     return render
 
 
-def tunelab(path: Path, convs, args, logit_metrics: bool):
+def tunelab(path: Path, convs, args, logit_metrics: bool, parallel_rows=None):
     eval_cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(ROOT / "conf/eval/tweets.yaml"))
     eval_cfg.max_new_tokens, eval_cfg.threads, eval_cfg.logit_metrics = args.max_new_tokens, args.threads, logit_metrics
+    eval_cfg.parallel_rows = parallel_rows or eval_cfg.parallel_rows
     cfg = SimpleNamespace(eval=eval_cfg, template=SimpleNamespace(stop=[]))
     metrics = metrics_from_config(eval_cfg.metrics)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
@@ -122,18 +125,20 @@ def tunelab(path: Path, convs, args, logit_metrics: bool):
         started = time.perf_counter()
         try:
             scorer = references.scorer("finetuned", "f16", True) if logit_metrics else None
-            scores, gens, _ = evaluate_gguf(cfg, path, convs, metrics, scorer)
+            scores, gens, timing = evaluate_gguf(cfg, path, convs, metrics, scorer)
         finally:
             references.close()
         seconds = time.perf_counter() - started
     answers = [g.answer for g in gens] + ([f"ppl {scores['perplexity']:.4f}"] if logit_metrics else [])
-    return {"seconds": seconds, "tokens": sum(g.completion_tokens for g in gens), "answers": answers}
+    return {"seconds": seconds, "tokens": sum(g.completion_tokens for g in gens), "answers": answers,
+            "rows_together": timing.rows_together}
 
 
 SIDES = {
     "minimal": lambda path, convs, args: minimal(path, convs, args, False),
     "tunelab, no logits": lambda path, convs, args: tunelab(path, convs, args, False),
     "tunelab, all": lambda path, convs, args: tunelab(path, convs, args, True),
+    "tunelab, all, 1 row": lambda path, convs, args: tunelab(path, convs, args, True, parallel_rows=1),
     "minimal + ppl": lambda path, convs, args: minimal(path, convs, args, True),
 }
 
@@ -173,14 +178,17 @@ def report(args, convs, runs) -> bool:
         return statistics.median(rate(t) / rate(b) for t, b in zip(runs[name], runs[baseline]))
 
     answers = [r["answers"][:len(convs)] for rs in runs.values() for r in rs]
-    ppl = {r["answers"][-1] for name in ("tunelab, all", "minimal + ppl") for r in runs[name]}
+    ppl = {r["answers"][-1] for name in ("tunelab, all", "tunelab, all, 1 row", "minimal + ppl") for r in runs[name]}
     same = all(a == answers[0] for a in answers)
+    together = sorted({r["rows_together"] for r in runs["tunelab, all"]})
     print(f"{args.gguf.name}: {len(convs)} prompts, {runs['minimal'][0]['tokens']} generated tokens, max_new_tokens "
           f"{args.max_new_tokens}, threads {args.threads or 'all'}, {args.rounds} interleaved rounds; identical "
-          f"answers on every side: {same}; reference perplexity (tunelab, minimal): {', '.join(sorted(ppl))}")
+          f"answers on every side: {same}; reference perplexity (tunelab, minimal): {', '.join(sorted(ppl))}; "
+          f"rows stepping together in tunelab's default: {together}")
     rows = [("minimal: create_chat_completion loop", "minimal", None),
             ("tunelab evaluate_gguf, logit pass off", "tunelab, no logits", "minimal"),
             ("tunelab evaluate_gguf, all metrics (default)", "tunelab, all", "minimal"),
+            ("tunelab all metrics, rows one at a time", "tunelab, all, 1 row", "minimal"),
             ("minimal + perplexity pass (logits_all)", "minimal + ppl", "minimal"),
             ("tunelab all metrics vs minimal + perplexity", "tunelab, all", "minimal + ppl")]
     print(f"| {'what':<46} | {'gen tokens/s (median)':>21} | {'ratio (median of paired rounds)':>31} |")
