@@ -128,6 +128,16 @@ class _Answer:
             self.text, self.finish = text, "length"
 
 
+def decode_batch(lib, ctx, batch, entries: Sequence[tuple]) -> None:
+    """One llama_decode of `entries`: (token, position, sequence id, whether to output its logits)."""
+    batch.n_tokens = len(entries)
+    for j, (token, pos, seq, output) in enumerate(entries):
+        batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos, 1
+        batch.seq_id[j][0], batch.logits[j] = seq, output
+    if lib.llama_decode(ctx, batch) != 0:
+        raise RuntimeError(f"llama_decode failed on a batch of {len(entries)} tokens")
+
+
 class Decoder:
     """One sequence of a llama.cpp context, driven token by token; `cached` mirrors what its KV cache
     holds. Without `ctx`: the loaded model's own context (sequence 0), as create_completion uses it."""
@@ -166,16 +176,12 @@ class Decoder:
     def decode(self, tokens: Sequence[int], first_output: int) -> List[np.ndarray]:
         """Decodes `tokens` after the cached ones, in batches of n_batch of this sequence alone, and
         returns copies of the logits at positions >= first_output."""
-        rows, batch = [], self.batch
+        rows = []
         for begin in range(0, len(tokens), self.n_batch):
             part = tokens[begin:begin + self.n_batch]
             start = len(self.cached)
-            batch.n_tokens = len(part)
-            for j, token in enumerate(part):
-                batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, start + j, 1
-                batch.seq_id[j][0], batch.logits[j] = self.seq, start + j >= first_output
-            if self.lib.llama_decode(self.ctx, batch) != 0:
-                raise RuntimeError(f"llama_decode failed on a batch of {len(part)} tokens")
+            decode_batch(self.lib, self.ctx, self.batch,
+                         [(token, start + j, self.seq, start + j >= first_output) for j, token in enumerate(part)])
             self.cached += part
             rows += [self.logits(j) for j in range(len(part)) if start + j >= first_output]
         return rows

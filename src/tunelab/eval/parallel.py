@@ -27,7 +27,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from tunelab.eval.decode import Completion, Decoder, Timing, alone, common_prefix, finish_row, start_row
+from tunelab.eval.decode import (Completion, Decoder, Timing, alone, common_prefix, decode_batch, finish_row,
+                                 start_row)
 
 # Rows answered alone first, until this many greedy steps were timed: the per-request speed the
 # report gives, comparable between GGUFs whether or not their rows could go together.
@@ -54,13 +55,8 @@ class RowSlots:
 
     def step(self, rows: List[tuple]) -> List[np.ndarray]:
         """One llama_decode: one token for each (decoder, token); the logits after each."""
-        batch = self.batch
-        batch.n_tokens = len(rows)
-        for j, (decoder, token) in enumerate(rows):
-            batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, len(decoder.cached), 1
-            batch.seq_id[j][0], batch.logits[j] = decoder.seq, 1
-        if self.lib.llama_decode(self.ctx, batch) != 0:
-            raise RuntimeError(f"llama_decode failed on a step of {len(rows)} rows")
+        decode_batch(self.lib, self.ctx, self.batch,
+                     [(token, len(decoder.cached), decoder.seq, True) for decoder, token in rows])
         for decoder, token in rows:
             decoder.cached.append(token)
         return [decoder.logits(j) for j, (decoder, _) in enumerate(rows)]
