@@ -53,6 +53,16 @@ class RunPaths:
     def template_contract(self) -> Path:
         return self.train_dir / "template_contract.json"
 
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Training checkpoints (resume): outside train/, which a stage that runs again replaces."""
+        return self.run_dir / "checkpoints"
+
+    @property
+    def state_dir(self) -> Path:
+        """tunelab's own records of this run directory: stage records, the run lock, ownership."""
+        return self.run_dir / ".tunelab"
+
     # export
     @property
     def export_dir(self) -> Path:
