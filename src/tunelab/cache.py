@@ -1,11 +1,13 @@
-"""A content-addressed cache of stage outputs: a stage whose inputs did not change is not run again.
+"""A content-verified cache of stage outputs: a stage whose inputs did not change is not run again.
 
-A stage's key is the hash of the config sections it reads, the digest of its input files (the
-dataset's bytes, or the outputs of the stage before it) and the code version (tunelab's source and
-the key package versions). An entry is a copy of the stage's folder (hard links where the file
-system allows), the stage's result and the digest of its outputs, under
-`<cache.dir>/<stage>/<key>/`. Downstream keys use that digest, so a stage that re-runs and writes
-the same bytes (e.g. a deterministic training) still lets the next stages be reused.
+A stage's key is the hash of the config sections it reads, the digests of every input it reads (the
+dataset's bytes; the tokenizer or the base model's files; the outputs of the stages before it, hashed
+from the bytes on disk) and the code version. An entry, `<cache.dir>/<stage>/<key>/`, is a copy of
+the stage's folder (never a link: a write in the run directory cannot reach it), the size and sha256
+of every file, the stage's result and the digests of its inputs. Restoring copies the files back
+while hashing them: an entry whose bytes differ from its record is dropped, with every entry made
+from it, and the stage runs again. Entries are published whole (a temp folder renamed into place),
+so concurrent writers of one key cannot leave a mixed entry.
 """
 from __future__ import annotations
 
@@ -20,76 +22,65 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from tunelab.config.identity import file_sha256
 from tunelab.paths import RunPaths
 from tunelab.provenance import code_version
+from tunelab.records import CHUNK, StageRecord, file_entries, remember
 
-# The config each stage reads. Changing only `quantization` re-runs export and evaluate.
+# The config each stage reads. Changing only `quantization` re-runs export and evaluate. prepare
+# measures token lengths with the model's tokenizer and the chat template, against max_seq_length.
 SECTIONS: Dict[str, List[str]] = {
-    "prepare": ["dataset"],
+    "prepare": ["dataset", "model", "template", "training.max_seq_length"],
     "train": ["model", "lora", "template", "training"],
     "export": ["model", "template", "quantization", "eval.evaluate_base"],
     "evaluate": ["model", "template", "quantization", "eval"],
 }
-# The stage outputs that later stages read: their digest is what downstream keys are made of.
-OUTPUTS: Dict[str, List[str]] = {
-    "prepare": ["train.jsonl", "eval.jsonl"],
-    "train": ["adapter/*"],
-    "export": ["model.*.gguf"],
-    "evaluate": ["metrics.json", "generations.jsonl"],
-}
 UPSTREAM: Dict[str, List[str]] = {"prepare": [], "train": ["prepare"], "export": ["train"],
                                   "evaluate": ["prepare", "export"]}
+# Which files of the base model each stage reads: prepare only the tokenizer, the others the weights too.
+MODEL_INPUT = {"prepare": "tokenizer", "train": "model", "export": "model", "evaluate": None}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def stage_dir(paths: RunPaths, stage: str) -> Path:
-    return paths.run_dir / stage
+class CacheCorruption(RuntimeError):
+    """A stored file's bytes are not the ones recorded when it was stored."""
 
 
-def _marker(paths: RunPaths, stage: str) -> Path:
-    return paths.run_dir / ".tunelab" / "stages" / f"{stage}.json"
+def model_digests(model_dir: Path) -> Dict[str, str]:
+    """{"tokenizer": digest of the model folder's non-weight files, "model": of all its files}."""
+    files = file_entries(model_dir)
+    tokenizer = {name: f for name, f in files.items() if not name.endswith(WEIGHT_SUFFIXES)}
+    return {kind: hashlib.sha256(json.dumps({n: f["sha256"] for n, f in chosen.items()}, sort_keys=True).encode())
+            .hexdigest() for kind, chosen in (("tokenizer", tokenizer), ("model", files))}
 
 
-def outputs_digest(folder: Path, stage: str) -> str:
-    files = sorted({p for pattern in OUTPUTS[stage] for p in folder.glob(pattern) if p.is_file()})
-    if not files:
-        raise FileNotFoundError(f"{folder} holds none of {OUTPUTS[stage]}: run `tunelab stage={stage}` first")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(folder)}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def recorded_digest(paths: RunPaths, stage: str) -> str:
-    """The digest written when the stage last ran or was restored here, else computed from its files."""
-    marker = _marker(paths, stage)
-    if marker.is_file():
-        return json.loads(marker.read_text())["digest"]
-    return outputs_digest(stage_dir(paths, stage), stage)
-
-
-def stage_key(stage: str, cfg, paths: RunPaths, dataset_sha256: str) -> str:
-    config = {name: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, name)}), resolve=True)["v"]
-              for name in SECTIONS[stage]}
-    inputs = {up: recorded_digest(paths, up) for up in UPSTREAM[stage]}
+def stage_inputs(stage: str, paths: RunPaths, dataset_sha256: str, model: Optional[Dict[str, str]]) -> dict:
+    """The digests of what the stage reads; upstream outputs are hashed from disk and checked."""
+    inputs = {up: StageRecord(paths, up).verified_digest() for up in UPSTREAM[stage]}
     if stage == "prepare":
         inputs["dataset"] = dataset_sha256
+    if MODEL_INPUT[stage] and model is not None:
+        inputs[MODEL_INPUT[stage]] = model[MODEL_INPUT[stage]]
+    return inputs
+
+
+def stage_key(stage: str, cfg, inputs: dict) -> str:
+    config = {name: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, name)}), resolve=True)["v"]
+              for name in SECTIONS[stage]}
     payload = {"stage": stage, "config": config, "inputs": inputs, "code": code_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file of src into dst (a copy where links are not possible)."""
-    for path in sorted(src.rglob("*")):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
+def copy_hashed(src: Path, dst: Path) -> str:
+    """Copy src to dst (new bytes, never a link) and return the sha256 of the bytes written."""
+    digest = hashlib.sha256()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as source, open(dst, "xb") as target:
+        while block := source.read(CHUNK):
+            digest.update(block)
+            target.write(block)
+    shutil.copystat(src, dst)
+    remember(dst, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def _relocate(text: str, old_run_dir: str, new_run_dir: str) -> str:
@@ -106,55 +97,137 @@ class StageCache:
         return self.root / stage / key
 
     def lookup(self, stage: str, key: str) -> Optional[dict]:
-        meta = self.entry(stage, key) / "entry.json"
-        if not self.enabled or not meta.is_file():
+        meta_path = self.entry(stage, key) / "entry.json"
+        if not self.enabled or not meta_path.is_file():
             return None
-        return json.loads(meta.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+        if "files" not in meta:  # unreadable, or stored by a tunelab that recorded no file hashes
+            self.drop(stage, key, "its entry.json records no file hashes")
+            return None
+        return meta
 
     def restore(self, stage: str, key: str, meta: dict) -> dict:
-        """Put the cached outputs into this run directory; paths inside JSON files follow the move."""
-        out = stage_dir(self.paths, stage)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=self.paths.run_dir))
-        _link_tree(self.entry(stage, key) / "files", tmp)
+        """Put the entry's files into the run directory, verifying every byte; paths inside JSON files
+        follow the move. Raises CacheCorruption (after dropping the entry) when a file is not as stored."""
+        record = StageRecord(self.paths, stage)
         new_run_dir = str(self.paths.run_dir)
-        if meta["run_dir"] != new_run_dir:
-            for path in tmp.rglob("*.json"):
-                text = path.read_text()
-                path.unlink()  # a new file: the cached one (a hard link) stays as it was
-                path.write_text(_relocate(text, meta["run_dir"], new_run_dir))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        self._mark(stage, key, meta["digest"])
-        return json.loads(_relocate(json.dumps(meta["result"]), meta["run_dir"], new_run_dir))
-
-    def prepare_fresh(self, stage: str) -> None:
-        """A stage that runs writes new files: never write through a hard link into the cache."""
-        out = stage_dir(self.paths, stage)
-        if out.exists():
-            shutil.rmtree(out)
-        _marker(self.paths, stage).unlink(missing_ok=True)
-
-    def store(self, stage: str, key: str, result: dict) -> str:
-        """Record the stage's outputs (always) and add them to the cache (when enabled); returns their digest."""
-        out = stage_dir(self.paths, stage)
-        digest = outputs_digest(out, stage)
-        self._mark(stage, key, digest)
-        if not self.enabled or self.entry(stage, key).exists():
-            return digest
-        (self.root / stage).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root / stage))
-        _link_tree(out, tmp / "files")
-        meta = {"stage": stage, "key": key, "digest": digest, "run_dir": str(self.paths.run_dir),
-                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
-        (tmp / "entry.json").write_text(json.dumps(meta, indent=2, default=str))
+        result = json.loads(_relocate(json.dumps(meta["result"]), meta["run_dir"], new_run_dir))
+        if self._already_here(record, key):
+            return result
+        scratch = self.paths.state_dir / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=scratch))
         try:
-            os.replace(tmp, self.entry(stage, key))
-        except OSError:  # a parallel job stored the same key first: theirs is as good as ours
+            self._copy_verified(stage, key, meta, tmp)
+            if meta["run_dir"] != new_run_dir:
+                for path in tmp.rglob("*.json"):
+                    path.write_text(_relocate(path.read_text(), meta["run_dir"], new_run_dir))
+            files = file_entries(tmp)
+            record.begin(key)
+            os.replace(tmp, record.folder)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        record.complete(key, files)
+        return result
+
+    def _already_here(self, record: StageRecord, key: str) -> bool:
+        """The run directory holds this entry's outputs already, byte for byte as recorded."""
+        complete = record.complete_record()
+        if complete is None or complete.get("key") != key:
+            return False
+        try:
+            record.verify()
+        except Exception:  # noqa: BLE001 - changed or missing: restore it from the verified entry
+            return False
+        return True
+
+    def _copy_verified(self, stage: str, key: str, meta: dict, into: Path) -> None:
+        try:
+            self._copy_entry_files(self.entry(stage, key) / "files", meta["files"], into)
+        except CacheCorruption as err:
+            dropped = self.drop(stage, key, str(err))
+            raise CacheCorruption(f"the cached {stage} stage ({self.entry(stage, key)}) is damaged: {err}. "
+                                  f"Dropped it and {len(dropped) - 1} entr(ies) made from it") from None
+
+    @staticmethod
+    def _copy_entry_files(files_dir: Path, recorded: Dict[str, dict], into: Path) -> None:
+        try:
+            stored = {p.relative_to(files_dir).as_posix() for p in files_dir.rglob("*") if not p.is_dir()}
+            if stored != set(recorded):
+                extra, missing = sorted(stored - set(recorded)), sorted(set(recorded) - stored)
+                raise CacheCorruption(f"files {extra} not recorded, {missing} missing")
+            for name, expected in recorded.items():
+                if copy_hashed(files_dir / name, into / name) != expected["sha256"]:
+                    raise CacheCorruption(f"{name}: its bytes are not the ones stored (sha256 differs)")
+        except OSError as err:
+            raise CacheCorruption(f"unreadable ({err})") from err
+
+    def drop(self, stage: str, key: str, why: str) -> List[str]:
+        """Remove an entry and, transitively, every entry whose inputs include its outputs."""
+        entry = self.entry(stage, key)
+        digest = None
+        try:
+            digest = json.loads((entry / "entry.json").read_text()).get("digest")
+        except (OSError, ValueError):
+            pass
+        dropped = [f"{stage}/{key[:12]}"]
+        if entry.exists():
+            trash = entry.with_name(f".dropped-{key}-{os.getpid()}")
+            os.replace(entry, trash)  # atomic: a reader sees the whole entry or none
+            shutil.rmtree(trash, ignore_errors=True)
+        if digest is None:
+            return dropped
+        for downstream, ups in UPSTREAM.items():
+            if stage not in ups or not (self.root / downstream).is_dir():
+                continue
+            for meta_path in (self.root / downstream).glob("*/entry.json"):
+                try:
+                    inputs = json.loads(meta_path.read_text()).get("inputs", {})
+                except (OSError, ValueError):
+                    continue
+                if inputs.get(stage) == digest:
+                    dropped += self.drop(downstream, meta_path.parent.name, f"made from {stage}/{key[:12]}")
+        return dropped
+
+    def store(self, stage: str, key: str, result: dict, inputs: dict) -> str:
+        """Record the stage's outputs in the run directory (always) and publish them as a cache entry
+        (when enabled); returns the digest of the outputs."""
+        record = StageRecord(self.paths, stage)
+        publish = self.enabled and not self.entry(stage, key).exists()
+        tmp = None
+        files = None
+        if publish:
+            (self.root / stage).mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root / stage))
+            try:
+                files = _copy_out(record.folder, tmp / "files")
+            except OSError:  # e.g. a full disk: the run goes on, uncached
+                files = None
+        digest = record.complete(key, files or file_entries(record.folder))
+        try:
+            if files is not None:
+                meta = {"stage": stage, "key": key, "digest": digest, "inputs": inputs, "files": files,
+                        "run_dir": str(self.paths.run_dir), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "result": result}
+                (tmp / "entry.json").write_text(json.dumps(meta, indent=2, default=str))
+                os.replace(tmp, self.entry(stage, key))
+        except OSError:  # a parallel job published the same key first: theirs is as good as ours
+            pass
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return digest
 
-    def _mark(self, stage: str, key: str, digest: str) -> None:
-        marker = _marker(self.paths, stage)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"key": key, "digest": digest}))
+
+def _copy_out(folder: Path, into: Path) -> Dict[str, dict]:
+    """Copy a stage's folder into a new cache entry; the hashes are of the bytes read (and written)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        sha = copy_hashed(path, into / name)
+        files[name] = {"size": path.stat().st_size, "sha256": sha}
+        remember(path, sha)  # the run directory's copy holds the same bytes, just read
+    return files

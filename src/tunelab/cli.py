@@ -52,6 +52,8 @@ def _task(cfg: DictConfig) -> Optional[float]:
     from tunelab import pipeline, sweep
     from tunelab.config.checks import ConfigError
     from tunelab.data.formats import DataError
+    from tunelab.records import IntegrityError
+    from tunelab.rundir import RunDirError
     from tunelab.templates.chat import TemplateError
     from tunelab.templates.parity import ParityError
 
@@ -64,7 +66,7 @@ def _task(cfg: DictConfig) -> Optional[float]:
         if multirun:
             _end_worker(interrupt, tracked=bool(cfg.tracking.enabled))
         raise
-    except (ConfigError, DataError, FileNotFoundError, TemplateError, ParityError) as err:
+    except (ConfigError, DataError, FileNotFoundError, TemplateError, ParityError, IntegrityError, RunDirError) as err:
         # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
         # line breaks inside a long file:line, so every message stays one greppable line.
         message = Text.assemble((f"tunelab: {type(err).__name__}", "bold red"), f": {err}")

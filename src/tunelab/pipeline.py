@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,11 +11,13 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from tunelab.config.checks import validate
-from tunelab.cache import StageCache, stage_key
+from tunelab import rundir
+from tunelab.cache import MODEL_INPUT, CacheCorruption, StageCache, model_digests, stage_inputs, stage_key
 from tunelab.config.identity import config_hash, file_sha256
 from tunelab.data.sources import dataset_sha256
 from tunelab.eval.report import metric_columns, report_rows
 from tunelab.paths import RunPaths
+from tunelab.records import StageRecord
 from tunelab.stages import evaluate, export, prepare, train
 from tunelab.tracking import Tracker
 
@@ -35,39 +38,71 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
             **(extra_tags or {})}
     tracker = Tracker(cfg.tracking)
     results = {}
-    with tracker.run(cfg, tags, run_name=cfg.name, parent_run_id=parent_run_id):
-        validate(cfg)  # inside the run: a sweep job with a bad value ends FAILED with the reason
-        data_hash = dataset_sha256(cfg.dataset)  # the same identity prepare's manifest records
-        identity = config_hash(cfg, data_hash)
-        tracker.set_tags({"tunelab.config_hash": identity, "tunelab.dataset_sha256": data_hash,
-                          "mlflow.runName": f"{cfg.name}-{identity[:8]}"})
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
-        (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (paths.run_dir / "identity.json").write_text(json.dumps({"config_hash": identity, "dataset_sha256": data_hash}))
-        cache = StageCache(cfg.cache, paths)
-        for stage in stages:
-            console.rule(f"[bold]{stage}")
-            results[stage] = run_stage(stage, cfg, paths, cache, data_hash, results)
-            tracker.log_stage(stage, results[stage], paths, cfg)
-        tracker.set_tags(_outcome_tags(paths, results))
+    # Before anything is written or tracked: a directory in use, or holding the user's files, is refused.
+    lock = rundir.claim(paths, cfg.paths.foreign_files == "keep", " ".join(["tunelab", *sys.argv[1:]]))
+    if lock.took_over:
+        console.print(f"[yellow]took over the lock of {paths.run_dir}[/]: its holder "
+                      f"({rundir.describe_holder(lock.took_over)}) is no longer running")
+    try:
+        with tracker.run(cfg, tags, run_name=cfg.name, parent_run_id=parent_run_id):
+            identity, data_hash = _start(cfg, paths, tracker)
+            cache = StageCache(cfg.cache, paths)
+            model = _model_inputs(cfg, paths, stages)
+            for stage in stages:
+                console.rule(f"[bold]{stage}")
+                results[stage] = run_stage(stage, cfg, paths, cache, data_hash, model, results)
+                tracker.log_stage(stage, results[stage], paths, cfg)
+            tracker.set_tags(_outcome_tags(paths, results))
+    finally:
+        lock.release()
     results["config_hash"] = identity
     results["mlflow_run_id"] = tracker.run_id
     report(cfg, paths, results)
     return results
 
 
-def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, data_hash: str, results: dict):
-    """Reuse the stage's cached outputs when its key matches, else run it and cache what it wrote."""
-    key = stage_key(stage, cfg, paths, data_hash)
+def _start(cfg: DictConfig, paths: RunPaths, tracker: Tracker) -> tuple:
+    """Validate, then write the run's config and identity; returns (config hash, dataset hash)."""
+    validate(cfg)  # inside the run: a sweep job with a bad value ends FAILED with the reason
+    data_hash = dataset_sha256(cfg.dataset)  # the same identity prepare's manifest records
+    identity = config_hash(cfg, data_hash)
+    tracker.set_tags({"tunelab.config_hash": identity, "tunelab.dataset_sha256": data_hash,
+                      "mlflow.runName": f"{cfg.name}-{identity[:8]}"})
+    (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (paths.run_dir / "identity.json").write_text(json.dumps({"config_hash": identity, "dataset_sha256": data_hash}))
+    return identity, data_hash
+
+
+def _model_inputs(cfg: DictConfig, paths: RunPaths, stages) -> Optional[dict]:
+    """Digests of the base model's files (tokenizer; weights), when a stage that runs reads them."""
+    if not any(MODEL_INPUT[stage] for stage in stages):
+        return None
+    from tunelab.models.source import resolve_model
+
+    return model_digests(resolve_model(cfg.model, paths))
+
+
+def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, data_hash: str,
+              model: Optional[dict], results: dict):
+    """Reuse the stage's cached outputs when its key matches (every byte verified on the way), else
+    run it and cache what it wrote. A damaged entry is dropped and the stage runs."""
+    inputs = stage_inputs(stage, paths, data_hash, model)
+    key = stage_key(stage, cfg, inputs)
     hit = cache.lookup(stage, key)
     if hit is not None:
-        console.print(f"[green]reused[/] {stage} from the cache (key {key[:12]}, computed {hit['created']} "
-                      f"in {hit['run_dir']})")
-        results.setdefault("reused", []).append(stage)
-        return cache.restore(stage, key, hit)
-    cache.prepare_fresh(stage)
+        try:
+            result = cache.restore(stage, key, hit)
+        except CacheCorruption as err:
+            console.print(f"[bold red]{err}[/]: running {stage} again")
+            results.setdefault("cache_damaged", []).append(stage)
+        else:
+            console.print(f"[green]reused[/] {stage} from the cache (key {key[:12]}, computed {hit['created']} "
+                          f"in {hit['run_dir']}; every file verified)")
+            results.setdefault("reused", []).append(stage)
+            return result
+    StageRecord(paths, stage).begin(key)
     result = STAGES[stage](cfg, paths)
-    cache.store(stage, key, result)
+    cache.store(stage, key, result, inputs)
     return result
 
 

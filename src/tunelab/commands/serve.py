@@ -27,7 +27,9 @@ def _parse(argv: List[str]):
 
 
 def gated_gguf(manifest_path: Path, quant: str) -> Path:
-    """The GGUF of `quant` if the parity gate passed it and its template is still the gated one."""
+    """The GGUF of `quant` if the parity gate passed it, its bytes are the ones export recorded
+    (sha256) and its template is still the gated one."""
+    from tunelab.records import IntegrityError, checked_gguf
     from tunelab.templates.parity import GGUFVocab
 
     if not manifest_path.is_file():
@@ -37,13 +39,26 @@ def gated_gguf(manifest_path: Path, quant: str) -> Path:
     if info is None or gate is None:
         raise SystemExit(f"tunelab serve: {manifest_path} holds no gated {quant} GGUF "
                          f"(exported: {', '.join(manifest['finetuned'])}); export it again")
-    path = Path(info["path"])
+    try:
+        path = checked_gguf(info, f"the gated {quant} GGUF")
+    except IntegrityError as err:
+        raise SystemExit(f"tunelab serve: {err}") from None
     vocab = GGUFVocab(path)
     embedded = vocab.chat_template or ""
     vocab.close()
     if hashlib.sha256(embedded.encode()).hexdigest() != gate["template_sha256"]:
         raise SystemExit(f"tunelab serve: the chat template inside {path} is not the one the parity gate passed")
     return path
+
+
+def verified_export(paths) -> None:
+    """The export folder (manifest included) is byte for byte what the export stage recorded."""
+    from tunelab.records import IntegrityError, StageRecord
+
+    try:
+        StageRecord(paths, "export").verify()
+    except IntegrityError as err:
+        raise SystemExit(f"tunelab serve: {err}") from None
 
 
 def answering_as_evaluated(handler):
@@ -77,7 +92,9 @@ def main(argv: List[str]) -> int:
 
     args = _parse(argv)
     cfg = compose(args.overrides)
-    gguf = gated_gguf(RunPaths.from_config(cfg.paths).export_manifest, args.quant or cfg.quantization.ship)
+    paths = RunPaths.from_config(cfg.paths)
+    verified_export(paths)
+    gguf = gated_gguf(paths.export_manifest, args.quant or cfg.quantization.ship)
     print(f"tunelab serve: {gguf} on http://{HOST}:{args.port}/v1 (model name {gguf.name!r})", flush=True)
     uvicorn.run(server_app(gguf, args.port, cfg.eval.n_ctx, cfg.eval.threads), host=HOST, port=args.port,
                 log_level="warning")

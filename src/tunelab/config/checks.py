@@ -181,8 +181,12 @@ def check_sweep(cfg) -> List[str]:
     return problems
 
 
+def check_paths(cfg) -> List[str]:
+    return _choice("paths.foreign_files", cfg.paths.foreign_files, ("refuse", "keep"))
+
+
 CHECKS: List[Callable[[DictConfig], List[str]]] = [
-    check_stage, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training,
+    check_stage, check_paths, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training,
     check_eval, check_template, check_sweep,
 ]
 

@@ -211,6 +211,9 @@ class PathsConfig:
     run_dir: str = "runs/${name}"
     # Materialised base models, base-model GGUFs and llama.cpp's converter, shared across runs.
     cache_dir: str = "${oc.env:TUNELAB_CACHE,.cache/tunelab}"
+    # refuse: a run_dir holding files tunelab did not write is refused (exit 2, naming them).
+    # keep: use it anyway; those files stay untouched (never where tunelab writes its own).
+    foreign_files: str = "refuse"
 
 
 @dataclass

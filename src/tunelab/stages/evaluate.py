@@ -22,6 +22,7 @@ from tunelab.eval.logits import AnswerScores, ReferenceLogprobs, answer_sequence
 from tunelab.eval.metrics import higher_is_better
 from tunelab.eval.registry import metrics_from_config
 from tunelab.paths import RunPaths
+from tunelab.records import checked_gguf
 
 # The widest type a run exports is the reference that quantized files are compared with.
 REFERENCE_TYPES = ("f32", "bf16", "f16")
@@ -123,8 +124,8 @@ def run(cfg, paths: RunPaths) -> dict:
                 for quant, info in _ordered(manifest[variant]):
                     task = progress.add_task(f"{variant} {quant}", total=len(conversations))
                     scorer = logits.scorer(variant, quant, quant == reference) if logits else None
-                    scores, gens, speed = evaluate_gguf(cfg, Path(info["path"]), conversations, metric_fns, scorer,
-                                                        lambda: progress.advance(task))
+                    scores, gens, speed = evaluate_gguf(cfg, checked_gguf(info, f"the {variant} {quant} GGUF"), conversations,
+                                                        metric_fns, scorer, lambda: progress.advance(task))
                     results.setdefault(variant, {})[quant] = scores
                     speeds.setdefault(variant, {})[quant] = speed.as_dict()
                     samples += [{"variant": variant, "quant": quant, **asdict(g)} for g in gens]
@@ -142,10 +143,12 @@ def _summarize(cfg, paths: RunPaths, manifest: dict, results: dict, speeds: dict
     headline = cfg.eval.headline
     verdict = quantization_verdict(results["finetuned"], headline, cfg.quantization.max_drop, manifest["ship"],
                                    cfg.quantization.max_kl, higher)
-    verdict["ship_path"] = manifest["finetuned"][verdict["ship"]]["path"] if verdict["ship"] else None
+    shipped = manifest["finetuned"][verdict["ship"]] if verdict["ship"] else {}
+    verdict["ship_path"], verdict["ship_sha256"] = shipped.get("path"), shipped.get("sha256")
     summary = {"metrics": results, "headline": headline, "headline_higher_is_better": higher,
                "ship": manifest["ship"], "eval_rows": eval_rows, "speed": speeds, "verdict": verdict,
-               "kl_floor_unchecked": cfg.quantization.max_kl is not None and not cfg.eval.logit_metrics}
+               "kl_floor_unchecked": cfg.quantization.max_kl is not None and not cfg.eval.logit_metrics,
+               "gguf_sha256": {v: {q: manifest[v][q]["sha256"] for q in results[v]} for v in results}}
     _write(paths.generations_jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
     _write(paths.evaluation_summary, json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
     _write(paths.metrics_json, json.dumps(results, indent=2))

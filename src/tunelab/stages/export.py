@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -17,6 +19,7 @@ from tunelab.export.llama_cpp import CONVERTER_OUTTYPES, convert, quantize
 from tunelab.export.modelfile import write_modelfile
 from tunelab.models.source import load_model, load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
+from tunelab.records import remember, sha256_file
 from tunelab.templates.chat import template_from_config
 from tunelab.templates.parity import ParityError, TrainingContract, run_gate, sample_conversations
 
@@ -51,7 +54,8 @@ def gguf_set(hf_dir: Path, out: Dict[str, Path], cache_root: Path, gate: Callabl
 
 
 def _files(out: Dict[str, Path]) -> Dict[str, dict]:
-    return {q: {"path": str(p), "bytes": p.stat().st_size} for q, p in out.items()}
+    """What evaluate, serve and the ship decision check each file against: its size and sha256."""
+    return {q: {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for q, p in out.items()}
 
 
 def _load_base(cfg, base_dir: Path, tokenizer):
@@ -63,16 +67,37 @@ def _load_base(cfg, base_dir: Path, tokenizer):
 
 
 def export_base(cfg, paths: RunPaths, base_dir: Path, template, tokenizer, gate) -> Dict[str, dict]:
+    """The base model's GGUFs, shared by every run of this model and template (cache_dir/base-gguf).
+    Reused only when each file's bytes match the sha256 recorded beside it; made in a scratch folder
+    and published file by file (rename), so a killed or concurrent export never leaves half a file."""
     types = list(cfg.quantization.types)
     key = hashlib.sha256(f"{base_dir}|{template.source}|{template.end_of_turn}|{len(tokenizer)}".encode()).hexdigest()[:10]
     out = {q: paths.base_gguf(f"{cfg.model.name}-{key}", q) for q in types}
-    if all(p.is_file() for p in out.values()):
+    if all(_verified_base(p) for p in out.values()):
         return _files(out)
-    hf_dir = out[types[0]].parent / "hf"
-    write_hf_folder(_load_base(cfg, base_dir, tokenizer), tokenizer, template, hf_dir)
-    gguf_set(hf_dir, out, paths.converter_root, gate)
-    shutil.rmtree(hf_dir)
+    folder = out[types[0]].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".building-", dir=folder) as tmp:
+        staged = {q: Path(tmp) / p.name for q, p in out.items()}
+        write_hf_folder(_load_base(cfg, base_dir, tokenizer), tokenizer, template, Path(tmp) / "hf")
+        gguf_set(Path(tmp) / "hf", staged, paths.converter_root, gate)
+        for quant, path in staged.items():
+            digest = sha256_file(path)
+            _sidecar(path).write_text(digest + "\n")
+            os.replace(path, out[quant])  # the file first: a sidecar never vouches for older bytes
+            os.replace(_sidecar(path), _sidecar(out[quant]))
+            remember(out[quant], digest)
     return _files(out)
+
+
+def _sidecar(gguf: Path) -> Path:
+    return gguf.with_name(gguf.name + ".sha256")
+
+
+def _verified_base(gguf: Path) -> bool:
+    """A shared base GGUF is reused only when its bytes are the ones recorded when it was made."""
+    sidecar = _sidecar(gguf)
+    return gguf.is_file() and sidecar.is_file() and sidecar.read_text().strip() == sha256_file(gguf)
 
 
 def run(cfg, paths: RunPaths) -> dict:

@@ -56,7 +56,7 @@ def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) 
     records = quarantine.dropped_records(loaded.problems) + loaded.trimmed
     counts = {"rows_repeated": len(train) - distinct_train, "eval_rows_not_used": available_eval - len(evals)}
     manifest = _manifest(dataset_cfg, loaded, pool, train, evals, counts, records, meter)
-    _write_atomically(paths.prepare_dir, train, evals, manifest, records)
+    _write_atomically(paths.prepare_dir, train, evals, manifest, records, paths.state_dir / "tmp")
     if records:
         log.warning("prepare: %d row(s) dropped, %d trimmed: see %s", manifest["rows_quarantined"],
                     manifest["rows_trimmed"], paths.prepare_dir / "quarantine.jsonl")
@@ -91,10 +91,11 @@ def _manifest(dataset_cfg, loaded: LoadedDataset, pool, train, evals, counts, re
 
 
 def _write_atomically(out_dir: Path, train: List[Conversation], evals: List[Conversation], manifest: dict,
-                      records: List[dict]) -> None:
-    """Write into a temporary folder and swap it in, so a failure leaves no half-written split."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir.parent))
+                      records: List[dict], scratch: Path) -> None:
+    """Write into a temporary folder (in tunelab's own scratch space) and swap it in, so a failure
+    leaves no half-written split."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="prepare-", dir=scratch))
     try:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "eval.jsonl", evals)
