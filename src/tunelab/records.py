@@ -65,6 +65,12 @@ def file_entries(folder: Path) -> Dict[str, dict]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def folder_sha256(folder: Path) -> str:
+    """A folder's content hash from its files' relative paths and sha256 (each file read once a run)."""
+    listing = {name: entry["sha256"] for name, entry in file_entries(folder).items()}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
 def outputs_digest(stage: str, files: Dict[str, dict]) -> str:
     """The digest of a stage's outputs (OUTPUTS) from their recorded hashes."""
     chosen = sorted(name for name in files if any(fnmatch.fnmatchcase(name, pattern) and

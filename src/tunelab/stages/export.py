@@ -19,7 +19,7 @@ from tunelab.export.llama_cpp import CONVERTER_OUTTYPES, convert, quantize
 from tunelab.export.modelfile import write_modelfile
 from tunelab.models.source import load_model, load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
-from tunelab.records import remember, sha256_file
+from tunelab.records import folder_sha256, remember, sha256_file
 from tunelab.templates.chat import template_from_config
 from tunelab.templates.parity import ParityError, TrainingContract, run_gate, sample_conversations
 
@@ -71,7 +71,8 @@ def export_base(cfg, paths: RunPaths, base_dir: Path, template, tokenizer, gate)
     Reused only when each file's bytes match the sha256 recorded beside it; made in a scratch folder
     and published file by file (rename), so a killed or concurrent export never leaves half a file."""
     types = list(cfg.quantization.types)
-    key = hashlib.sha256(f"{base_dir}|{template.source}|{template.end_of_turn}|{len(tokenizer)}".encode()).hexdigest()[:10]
+    weights = folder_sha256(base_dir)  # the base model's bytes, not only its folder's name
+    key = hashlib.sha256(f"{weights}|{template.source}|{template.end_of_turn}|{len(tokenizer)}".encode()).hexdigest()[:10]
     out = {q: paths.base_gguf(f"{cfg.model.name}-{key}", q) for q in types}
     if all(_verified_base(p) for p in out.values()):
         return _files(out)
