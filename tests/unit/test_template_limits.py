@@ -24,6 +24,8 @@ RUNAWAY = {
         "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
     "loops over a list (not range)": (
         "{% set r = range(100000)|list %}{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}", "longer than"),
+    "one loop with a slow body and no call": (
+        "{% set r = range(100000)|list %}{% for a in r %}{% set s = r|join %}{% endfor %}", "longer than"),
     "a huge repetition": ("{{ 'x' * 10**9 }}", "'*' would make 1,000,000,000 items"),
     "a huge power": ("{{ 7 ** 100000000 }}", "would be a number of over"),
     "a huge output loop": ("{% for a in range(100000) %}{{ 'xxxxxxxxxx' * 10 }}{% endfor %}",
