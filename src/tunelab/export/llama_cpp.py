@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -47,11 +46,11 @@ def _download_sdist(version: str, into: Path) -> Path:
         return Path(local)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(into)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    code, _, stderr = run_child(cmd)  # pip dies with tunelab too
     archives = list(into.glob("llama_cpp_python-*.tar.gz"))
-    if done.returncode != 0 or not archives:
+    if code != 0 or not archives:
         raise ExportError(f"could not fetch llama.cpp's converter (llama-cpp-python=={version} source archive):\n"
-                          f"{done.stderr[-2000:]}\nOffline? Set TUNELAB_LLAMA_CPP_SDIST to a local copy of it.")
+                          f"{stderr[-2000:]}\nOffline? Set TUNELAB_LLAMA_CPP_SDIST to a local copy of it.")
     return archives[0]
 
 
