@@ -179,3 +179,5 @@ def compile_bounded(env: BoundedSandbox, source: str, origin: str) -> jinja2.Tem
         raise TemplateError(f"{origin}: not a valid Jinja template (line {err.lineno}: {err.message})") from None
     except _Exceeded as err:
         raise TemplateLimitError(f"{origin}: {err}") from None
+    except MemoryError:  # Jinja folds constant filter calls while compiling: 'x'|center(10**12)
+        raise TemplateLimitError(f"{origin}: the template ran out of memory while compiling") from None
