@@ -16,6 +16,10 @@ from omegaconf import DictConfig
 
 from tunelab.config.schema import register_configs
 
+# Exit codes: 2 a problem with the input (config, data, template, export refused: the message says
+# which); 3 the run ended, but every fine-tuned GGUF is BROKEN: nothing to ship (README, "Exit codes").
+NOTHING_SHIPS = 3
+
 
 def config_dir() -> Path:
     """conf/ of the project tunelab runs in: $TUNELAB_CONF, ./conf, or the one beside this package."""
@@ -52,9 +56,10 @@ def _task(cfg: DictConfig) -> Optional[float]:
     from tunelab import pipeline, sweep
     from tunelab.config.checks import ConfigError
     from tunelab.data.formats import DataError
+    from tunelab.export.llama_cpp import ExportError
     from tunelab.records import IntegrityError
     from tunelab.rundir import RunDirError
-    from tunelab.templates.chat import TemplateError
+    from tunelab.templates.chat import TemplateError, TemplateLimitError
     from tunelab.templates.parity import ParityError
 
     multirun, parent_run_id, tags = _job_context(cfg)
@@ -66,7 +71,8 @@ def _task(cfg: DictConfig) -> Optional[float]:
         if multirun:
             _end_worker(interrupt, tracked=bool(cfg.tracking.enabled))
         raise
-    except (ConfigError, DataError, FileNotFoundError, TemplateError, ParityError, IntegrityError, RunDirError) as err:
+    except (ConfigError, DataError, FileNotFoundError, TemplateError, TemplateLimitError, ParityError,
+            ExportError, IntegrityError, RunDirError) as err:
         # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
         # line breaks inside a long file:line, so every message stays one greppable line.
         message = Text.assemble((f"tunelab: {type(err).__name__}", "bold red"), f": {err}")
@@ -74,7 +80,28 @@ def _task(cfg: DictConfig) -> Optional[float]:
         if multirun:
             raise  # Hydra marks this job FAILED and goes on with the others
         sys.exit(2)
+    _exit_if_nothing_ships(results, multirun)
     return pipeline.objective_value(cfg, results)
+
+
+class NothingToShip(RuntimeError):
+    """Every fine-tuned GGUF of the run is BROKEN (a floor, or a non-finite score)."""
+
+
+def _exit_if_nothing_ships(results: dict, multirun: bool) -> None:
+    """Exit NOTHING_SHIPS once the run is logged (its verdict is in MLflow and on the terminal)."""
+    verdict = results.get("evaluate", {}).get("verdict")
+    if verdict is None or verdict.get("ship") is not None:
+        return
+    from rich.console import Console
+
+    message = "every fine-tuned GGUF is BROKEN, nothing to ship: " + "; ".join(
+        f"{q}: {', '.join(why)}" for q, why in verdict["reasons"].items())
+    if multirun:
+        raise NothingToShip(message)  # Hydra marks this job FAILED and goes on with the others
+    Console(stderr=True).print(f"tunelab: {message} (exit {NOTHING_SHIPS})", highlight=False, markup=False,
+                               soft_wrap=True)
+    sys.exit(NOTHING_SHIPS)
 
 
 def _end_worker(interrupt: KeyboardInterrupt, tracked: bool) -> None:

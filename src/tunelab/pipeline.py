@@ -142,8 +142,8 @@ def verdict_lines(summary: dict) -> str:
     verdict, headline = summary["verdict"], summary["headline"]
     lines = []
     for quant in verdict["broken"]:
-        lines.append(f"[bold red]{quant} broke the model[/]: " + "; ".join(verdict["reasons"][quant])
-                     + f" (against {verdict['reference']})")
+        against = f" (against {verdict['reference']})" if verdict["reference"] not in (None, quant) else ""
+        lines.append(f"[bold red]{quant} broke the model[/]: " + "; ".join(verdict["reasons"][quant]) + against)
     if summary.get("kl_floor_unchecked"):
         lines.append("quantization.max_kl was not checked: eval.logit_metrics=false measures no KL divergence")
     if verdict["ship"] is None:

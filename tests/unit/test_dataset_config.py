@@ -30,7 +30,13 @@ def test_listed_sources_are_checked_by_index(compose_cfg):
 
 def test_a_folder_is_required_for_hf_disk_and_a_file_for_files(compose_cfg):
     found = problems(compose_cfg, "dataset.format=hf_disk", f"dataset.path={ROOT}/data/tweets/train.csv")
-    assert found == [f"dataset.path='{ROOT}/data/tweets/train.csv': no such folder (relative to {ROOT})"]
+    wanted = (" is a file, not a folder: format=hf_disk reads a folder written by datasets' save_to_disk; point the "
+              "key at one, or set the format of the file (csv, sharegpt, ...)")
+    # eval_path is read in the dataset's format: it must be a folder too
+    assert found == ["dataset.eval_path='data/tweets/heldout.csv'" + wanted,
+                     f"dataset.path='{ROOT}/data/tweets/train.csv'" + wanted]
+    assert problems(compose_cfg, "dataset.format=hf_disk", "dataset.path=missing", "dataset.eval_path=null") == [
+        f"dataset.path='missing': no such folder (relative to {ROOT})"]
 
 
 def test_path_and_sources_together_are_ambiguous(compose_cfg):

@@ -92,12 +92,13 @@ def check(samples: int, overrides: List[str], console: Console) -> int:
 
 def main(argv: List[str]) -> int:
     from tunelab.config.checks import ConfigError
+    from tunelab.templates.chat import TemplateError, TemplateLimitError
 
     args = _parser().parse_args(argv)
     console = Console()
     try:
         return check(args.samples, args.overrides, console)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, TemplateError, TemplateLimitError) as err:
         message = Text(f"tunelab data: {type(err).__name__}: {err}", style="bold red")
         Console(stderr=True).print(message, soft_wrap=True)
         return 2

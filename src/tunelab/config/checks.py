@@ -7,6 +7,7 @@ from typing import Callable, List
 
 from omegaconf import DictConfig
 
+from tunelab.data.sources import input_path_problem
 from tunelab.templates.chat import BOS_POLICIES
 from tunelab.eval.registry import metric_problems
 
@@ -43,10 +44,8 @@ def _check_source(key: str, source) -> List[str]:
     problems = _choice(f"{key}.format", source.format, DATASET_FORMATS)
     if not source.path:
         problems.append(f"{key}.path is required (a file, a folder for hf_disk, the dataset id for hub)")
-    elif source.format == "hf_disk" and not Path(source.path).is_dir():
-        problems.append(f"{key}.path={source.path!r}: no such folder (relative to {Path.cwd()})")
-    elif source.format in DATASET_FORMATS[:4] and not Path(source.path).is_file():
-        problems.append(f"{key}.path={source.path!r}: no such file (relative to {Path.cwd()})")
+    else:
+        problems += _input_path(f"{key}.path", source.path, source.format)
     if source.format == "hub" and not source.revision:
         problems.append(f"{key}.revision is required for format=hub: pin a commit or tag")
     if source.rows is not None and source.weight is not None:
@@ -56,6 +55,11 @@ def _check_source(key: str, source) -> List[str]:
     if source.weight is not None and source.weight <= 0:
         problems.append(f"{key}.weight={source.weight} must be > 0")
     return problems
+
+
+def _input_path(key: str, path, fmt: str) -> List[str]:
+    problem = input_path_problem(key, path, fmt)
+    return [problem] if problem else []
 
 
 def check_dataset_sources(cfg) -> List[str]:
@@ -70,8 +74,8 @@ def check_dataset_sources(cfg) -> List[str]:
 def check_dataset(cfg) -> List[str]:
     d = cfg.dataset
     problems = _choice("dataset.on_invalid", d.on_invalid, INVALID_ROW_POLICIES)
-    if d.eval_path is not None and not Path(d.eval_path).exists():
-        problems.append(f"dataset.eval_path={d.eval_path!r}: no such file")
+    if d.eval_path is not None:  # read in the format of the training data (eval_source)
+        problems += _input_path("dataset.eval_path", d.eval_path, d.format)
     if d.eval_path is None and not 0.0 < d.eval_fraction < 1.0:
         problems.append(f"dataset.eval_fraction={d.eval_fraction} must be in (0, 1) when there is no eval_path")
     if d.max_eval_rows is not None and d.max_eval_rows < 1:

@@ -20,7 +20,7 @@ from tunelab.config.identity import folder_sha256
 from tunelab.data import rows as parse
 from tunelab.data.dvc import check_dvc_record
 from tunelab.data.formats import Conversation, Problem
-from tunelab.data.sources import Source, hub_digest
+from tunelab.data.sources import Source, hub_digest, require_input_path
 from tunelab.data.validate import check_structure
 
 
@@ -67,6 +67,7 @@ def decode_lines(data: bytes, label: str) -> Tuple[List[str], List[Problem]]:
 def read_source(source: Source, index: int = 0) -> SourceData:
     if source.format == "hub":
         return _read_hub(source, index)
+    require_input_path(source)  # before any read: a FIFO or /dev/zero would block or never end
     path = Path(source.path)
     if source.format == "hf_disk":
         data = SourceData(source, index, folder_sha256(path))

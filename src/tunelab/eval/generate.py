@@ -43,7 +43,8 @@ def embedded_template(llm, path: Path) -> ChatTemplate:
         return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8") if token != -1 else ""
 
     eos = text(llm.token_eos())
-    return ChatTemplate(source, eos, bos_token=text(llm.token_bos()), eos_token=eos)
+    return ChatTemplate(source, eos, bos_token=text(llm.token_bos()), eos_token=eos,
+                        origin=f"the chat template inside {path}")
 
 
 def tokenize(llm, text: str) -> List[int]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from tunelab.procs import run_child
 
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-llama-bpe.gguf",
                      "LICENSE")
@@ -45,11 +46,11 @@ def _download_sdist(version: str, into: Path) -> Path:
         return Path(local)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(into)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    code, _, stderr = run_child(cmd)  # pip dies with tunelab too
     archives = list(into.glob("llama_cpp_python-*.tar.gz"))
-    if done.returncode != 0 or not archives:
+    if code != 0 or not archives:
         raise ExportError(f"could not fetch llama.cpp's converter (llama-cpp-python=={version} source archive):\n"
-                          f"{done.stderr[-2000:]}\nOffline? Set TUNELAB_LLAMA_CPP_SDIST to a local copy of it.")
+                          f"{stderr[-2000:]}\nOffline? Set TUNELAB_LLAMA_CPP_SDIST to a local copy of it.")
     return archives[0]
 
 
@@ -79,17 +80,21 @@ def ensure_converter(cache_root: Path) -> Path:
 
 
 def convert(hf_dir: Path, out_path: Path, outtype: str, cache_root: Path) -> Path:
-    """HF folder -> GGUF with llama.cpp's converter, in a subprocess; atomic on success."""
+    """HF folder -> GGUF with llama.cpp's converter, in a subprocess that dies with tunelab
+    (tunelab.procs); atomic on success: only model.<type>.partial is ever half-written."""
     script = ensure_converter(cache_root)
     tmp = out_path.with_suffix(".partial")
     cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
     env = {**os.environ, "PYTHONPATH": str(script.parent)}
     env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py that ships with this converter
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parent)
-    if done.returncode != 0 or not tmp.is_file():
+    try:
+        code, _, stderr = run_child(cmd, env=env, cwd=script.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the converter is dead (run_child killed it): its half file goes
+        raise
+    if code != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"llama.cpp's converter failed on {hf_dir} (exit {done.returncode}):\n"
-                          f"{done.stderr[-3000:]}")
+        raise ExportError(f"llama.cpp's converter failed on {hf_dir} (exit {code}):\n{stderr[-3000:]}")
     os.replace(tmp, out_path)
     return out_path
 
@@ -124,8 +129,12 @@ def quantize(src: Path, out_path: Path, quant: str, threads: int = 0) -> Path:
     params.nthread = threads
     tmp = out_path.with_suffix(".partial")
     log = out_path.with_suffix(".log")
-    with native_output_to(log):
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    try:
+        with native_output_to(log):
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    except BaseException:  # Ctrl-C/SIGTERM arrive when the C call returns: its half file goes
+        tmp.unlink(missing_ok=True)
+        raise
     if status != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp's quantizer failed ({status}) making {quant} from {src}; see {log}")

@@ -9,6 +9,7 @@ evaluate/generations.jsonl and evaluate/summary.json (speed per GGUF, which file
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -32,8 +33,16 @@ def reference_quant(quants) -> Optional[str]:
     return next((q for q in REFERENCE_TYPES if q in quants), None)
 
 
+def non_finite(scores: dict) -> List[str]:
+    """A reason for every score that is NaN or infinite ("perplexity is nan"): no floor can judge it."""
+    return [f"{name} is {value}" for name, value in scores.items()
+            if isinstance(value, (int, float)) and not math.isfinite(value)]
+
+
 def _flag_reasons(scores: dict, headline: str, floor: float, higher: bool, max_kl: Optional[float]) -> List[str]:
-    value, reasons = scores[headline], []
+    value, reasons = scores[headline], non_finite(scores)
+    if reasons:  # a NaN compares False with every floor: it must never pass for "within the floor"
+        return reasons
     if (value < floor) if higher else (value > floor):
         reasons.append(f"{headline} {value:.3f} is {'below' if higher else 'above'} the floor {floor:.3f}")
     kl = scores.get("kl_divergence")
@@ -42,19 +51,31 @@ def _flag_reasons(scores: dict, headline: str, floor: float, higher: bool, max_k
     return reasons
 
 
+def _verdict(per_quant: dict, reference: Optional[str], reasons: dict, ship: str, **extra) -> dict:
+    """Ship the configured file if it holds up, else the smallest file that does, else nothing."""
+    healthy = sorted((q for q in per_quant if q not in reasons), key=lambda q: per_quant[q]["file_size"])
+    return {"reference": reference, **extra, "broken": [q for q in per_quant if q in reasons], "reasons": reasons,
+            "ship": ship if ship in healthy else (healthy[0] if healthy else None)}
+
+
 def quantization_verdict(per_quant: dict, headline: str, max_drop: float, ship: str,
                          max_kl: Optional[float] = None, higher: bool = True) -> dict:
     """Which quantized files lose more than max_drop of the headline metric against the widest one
     (or drift further than max_kl from it), and which file to ship: the configured one if it holds
-    up, else the smallest file that does."""
+    up, else the smallest file that does. A file with a non-finite score is BROKEN; so is every
+    file when the reference's scores are not finite, since nothing can be compared with it."""
     reference = reference_quant(per_quant)
     if reference is None:
-        return {"reference": None, "broken": [], "reasons": {}, "ship": ship}
+        reasons = {q: why for q, scores in per_quant.items() if (why := non_finite(scores))}
+        return _verdict(per_quant, None, reasons, ship)
+    ref_broken = non_finite(per_quant[reference])
+    if ref_broken:
+        why = f"cannot be compared with {reference}: the reference is broken ({', '.join(ref_broken)})"
+        reasons = {q: (ref_broken if q == reference else non_finite(scores) + [why]) for q, scores in per_quant.items()}
+        return _verdict(per_quant, reference, reasons, ship, floor=None)
     floor = per_quant[reference][headline] + (-max_drop if higher else max_drop)
     reasons = {q: why for q, scores in per_quant.items() if (why := _flag_reasons(scores, headline, floor, higher, max_kl))}
-    healthy = sorted((q for q in per_quant if q not in reasons), key=lambda q: per_quant[q]["file_size"])
-    return {"reference": reference, "floor": floor, "broken": list(reasons), "reasons": reasons,
-            "ship": ship if ship not in reasons else (healthy[0] if healthy else None)}
+    return _verdict(per_quant, reference, reasons, ship, floor=floor)
 
 
 class _References:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from tunelab.data.formats import read_prepared
+from tunelab.export.finite import check_adapter, check_base, check_merged
 from tunelab.export.hf_folder import write_hf_folder
 from tunelab.export.llama_cpp import CONVERTER_OUTTYPES, convert, quantize
 from tunelab.export.modelfile import write_modelfile
@@ -80,7 +81,9 @@ def export_base(cfg, paths: RunPaths, base_dir: Path, template, tokenizer, gate)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".building-", dir=folder) as tmp:
         staged = {q: Path(tmp) / p.name for q, p in out.items()}
-        write_hf_folder(_load_base(cfg, base_dir, tokenizer), tokenizer, template, Path(tmp) / "hf")
+        base = _load_base(cfg, base_dir, tokenizer)
+        check_base(base, base_dir)
+        write_hf_folder(base, tokenizer, template, Path(tmp) / "hf")
         gguf_set(Path(tmp) / "hf", staged, paths.converter_root, gate)
         for quant, path in staged.items():
             digest = sha256_file(path)
@@ -113,7 +116,9 @@ def run(cfg, paths: RunPaths) -> dict:
     contract = TrainingContract.read(paths.template_contract)
     conversations = read_prepared(paths.train_jsonl)
 
+    check_adapter(paths.adapter_dir)  # NaN weights refused for every type, naming where (export/finite.py)
     merged = PeftModel.from_pretrained(_load_base(cfg, base_dir, tokenizer), str(paths.adapter_dir)).merge_and_unload()
+    check_merged(merged, paths.adapter_dir, base_dir)
     if paths.export_dir.exists():
         shutil.rmtree(paths.export_dir)
     eot_id = write_hf_folder(merged, tokenizer, template, paths.merged_dir)

@@ -1,34 +1,19 @@
 """The template contract: one chat template gives the training text, the loss mask, the GGUF's
 template and end-of-turn token, and the evaluation prompts.
 
-Templates (also those read from a model or a GGUF) render in Jinja's immutable sandbox.
+Templates (also those read from a model or a GGUF) render in Jinja's immutable sandbox, bounded
+in time and size (templates/sandbox.py); `origin` names where a template came from in its errors.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tunelab.templates.sandbox import TemplateError, TemplateLimitError, compile_bounded, render_bounded, sandbox
+
+__all__ = ["TemplateError", "TemplateLimitError", "sandbox", "ChatTemplate", "template_from_config"]
 
 Message = Dict[str, str]
-
-
-class TemplateError(ValueError):
-    pass
-
-
-def _raise(message: str):
-    raise jinja2.TemplateError(message)
-
-
-def sandbox() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = _raise
-    return env
 
 
 BOS_POLICIES = ("template", "none")
@@ -46,13 +31,14 @@ class ChatTemplate:
     bos: str = "none"
     assistant_start: Optional[str] = None
     name: str = ""
+    origin: str = "the chat template"  # where it came from: a config key, a tokenizer folder, a GGUF
 
     def __post_init__(self):
-        self._compiled = sandbox().from_string(self.source)
+        self._compiled = compile_bounded(sandbox(), self.source, self.origin)
 
     def render(self, messages: List[Message], add_generation_prompt: bool = False) -> str:
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token, eos_token=self.eos_token)
+        return render_bounded(self._compiled, self.origin, messages=messages, add_generation_prompt=add_generation_prompt,
+                              bos_token=self.bos_token, eos_token=self.eos_token)
 
     def assistant_spans(self, messages: List[Message]) -> Tuple[str, List[Tuple[int, int]]]:
         """The full text and the character spans that carry loss: each assistant turn's content
@@ -84,6 +70,7 @@ def template_from_config(template_cfg, tokenizer) -> ChatTemplate:
     token, its BOS policy and assistant marker are what it renders."""
     name = template_cfg.name
     source = template_cfg.chat_template or getattr(tokenizer, "chat_template", None)
+    origin = template_origin(template_cfg, tokenizer)
     if not source:
         raise TemplateError(f"template={name}: the model has no chat template of its own; "
                             "choose one with template=chatml (or llama3, ...)")
@@ -93,15 +80,23 @@ def template_from_config(template_cfg, tokenizer) -> ChatTemplate:
             f"template={name} needs special token(s) the model's tokenizer lacks: {', '.join(missing)}. "
             "Their embeddings would be untrained noise. Set template.add_missing_tokens=true to add them "
             "and train their rows, or choose a template the model knows (template=native).")
-    probe = ChatTemplate(source, "", tokenizer.bos_token or "", tokenizer.eos_token or "")
+    probe = ChatTemplate(source, "", tokenizer.bos_token or "", tokenizer.eos_token or "", origin=origin)
     end_of_turn = template_cfg.end_of_turn or infer_end_of_turn(probe, tokenizer)
     if not end_of_turn or missing_special_tokens(tokenizer, [end_of_turn]):
         raise TemplateError(f"template.end_of_turn={end_of_turn!r} is not a token of the model's tokenizer")
     template = ChatTemplate(source, end_of_turn, tokenizer.bos_token or "", end_of_turn,
                             bos=_cfg(template_cfg, "bos") or infer_bos(probe),
-                            assistant_start=_cfg(template_cfg, "assistant_start"), name=name)
+                            assistant_start=_cfg(template_cfg, "assistant_start"), name=name, origin=origin)
     check_rendering(template)
     return template
+
+
+def template_origin(template_cfg, tokenizer) -> str:
+    """Where the run's template comes from, as its errors name it."""
+    if template_cfg.chat_template:
+        return f"template.chat_template (template={template_cfg.name})"
+    where = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
+    return f"the model's own template (template={template_cfg.name}) from {where}"
 
 
 def infer_bos(template: ChatTemplate) -> str:

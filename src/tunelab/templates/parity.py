@@ -53,7 +53,8 @@ class TrainingContract:
         path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False))
 
     def template(self) -> ChatTemplate:
-        return ChatTemplate(self.template_source, self.end_of_turn, self.bos_token, self.end_of_turn, bos=self.bos)
+        return ChatTemplate(self.template_source, self.end_of_turn, self.bos_token, self.end_of_turn, bos=self.bos,
+                            origin="the template training used (train/template_contract.json)")
 
 
 def training_contract(template: ChatTemplate, tokenizer, labels: List[List[int]], conversations,
