@@ -25,6 +25,9 @@ OWN_FILES = ("config.yaml", "identity.json")
 # Written by Hydra for this run (its config and log), which tunelab leaves alone.
 HYDRA_DIRS = ("hydra", ".hydra")
 SHOWN = 10  # how many foreign files an error names
+SCAN_LIMIT = 10_000  # how many are looked for at most (a run_dir pointed at a home folder stays quick)
+# Where tunelab writes: a file of the user's there is refused even with paths.foreign_files=keep.
+IN_THE_WAY = (*STAGE_DIRS, *OWN_FILES, "checkpoints")
 
 
 class RunDirError(RuntimeError):
@@ -99,19 +102,28 @@ def _read_holder(path: Path) -> Optional[dict]:
         return None
 
 
-def _files_under(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_symlink() or not p.is_dir())
+def _files_under(folder: Path, limit: int) -> List[Path]:
+    found = []
+    for path in folder.rglob("*"):  # not sorted: a huge folder (paths.run_dir=~) stops at the limit
+        if path.is_symlink() or not path.is_dir():
+            found.append(path)
+            if len(found) >= limit:
+                break
+    return sorted(found)
 
 
-def foreign_files(paths: RunPaths) -> List[str]:
-    """Files of the run directory that tunelab did not write (relative paths), per its records."""
+def foreign_files(paths: RunPaths, only_in_the_way: bool = False, limit: int = SCAN_LIMIT) -> List[str]:
+    """Files of the run directory that tunelab did not write (relative paths), per its records; with
+    only_in_the_way, just those where tunelab writes. At most `limit` of them are looked for."""
     run_dir = paths.run_dir
     if not run_dir.is_dir():
         return []
     owned_dir = paths.state_dir.is_dir()  # tunelab made this directory its own
-    foreign = []
+    foreign: List[str] = []
     for entry in sorted(run_dir.iterdir()):
         name = entry.name
+        if len(foreign) >= limit or (only_in_the_way and name not in IN_THE_WAY):
+            continue
         if name in HYDRA_DIRS or name == paths.state_dir.name or (name.endswith(".log") and entry.is_file()):
             continue
         if owned_dir and name in OWN_FILES and entry.is_file():
@@ -121,25 +133,28 @@ def foreign_files(paths: RunPaths) -> List[str]:
         if owned_dir and name in STAGE_DIRS and entry.is_dir():
             foreign += StageRecord(paths, name).unlisted_files()
             continue
-        foreign += [str(p.relative_to(run_dir)) for p in _files_under(entry)] if entry.is_dir() else [name]
-    return foreign
+        if entry.is_dir() and not entry.is_symlink():
+            foreign += [str(p.relative_to(run_dir)) for p in _files_under(entry, limit - len(foreign))]
+        else:
+            foreign.append(name)
+    return foreign[:limit]
 
 
 def check_ownership(paths: RunPaths, allow_foreign: bool) -> None:
     """Refuse a run directory holding files tunelab did not write. With allow_foreign they may stay,
     as long as none of them is where tunelab writes (its stage folders and own files)."""
-    foreign = foreign_files(paths)
-    if allow_foreign:
-        in_the_way = {*STAGE_DIRS, *OWN_FILES, paths.checkpoints_dir.name}
-        foreign = [f for f in foreign if Path(f).parts[0] in in_the_way]
+    if paths.run_dir.exists() and not paths.run_dir.is_dir():
+        raise RunDirError(f"paths.run_dir={paths.run_dir} is a file, not a folder: choose a folder for the run")
+    foreign = foreign_files(paths, only_in_the_way=allow_foreign, limit=SCAN_LIMIT)
     if not foreign:
         return
+    count = f"at least {len(foreign)}" if len(foreign) >= SCAN_LIMIT else str(len(foreign))
     shown = "\n  ".join(foreign[:SHOWN]) + (f"\n  ... and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
     advice = ("move them out of tunelab's folders (prepare/ train/ export/ evaluate/ checkpoints/, config.yaml, "
               "identity.json)" if allow_foreign else
               "choose an empty or new folder (paths.run_dir=...), or let tunelab use this one with "
               "paths.foreign_files=keep (it still never touches them)")
-    raise RunDirError(f"{paths.run_dir} holds {len(foreign)} file(s) tunelab did not write, which it would not "
+    raise RunDirError(f"{paths.run_dir} holds {count} file(s) tunelab did not write, which it would not "
                       f"delete or overwrite:\n  {shown}\nTo go on, {advice}.")
 
 

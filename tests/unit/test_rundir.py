@@ -109,3 +109,18 @@ def test_claim_clears_only_tunelabs_scratch_space(paths):
     (paths.state_dir / "tmp/prepare-abc/train.jsonl").write_text("half")
     rundir.claim(paths, False, "tunelab").release()
     assert not (paths.state_dir / "tmp").exists()
+
+
+def test_a_file_as_run_dir_and_a_huge_folder_are_refused_quickly(paths, monkeypatch):
+    paths.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    paths.run_dir.write_text("not a folder")
+    with pytest.raises(rundir.RunDirError, match="is a file, not a folder"):
+        rundir.claim(paths, False, "tunelab")
+    paths.run_dir.unlink()
+    for index in range(30):
+        (paths.run_dir / f"photos/{index}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (paths.run_dir / f"photos/{index}.jpg").write_text("x")
+    monkeypatch.setattr(rundir, "SCAN_LIMIT", 12)  # a home folder would hold millions: the walk stops
+    assert len(rundir.foreign_files(paths, limit=rundir.SCAN_LIMIT)) == 12
+    with pytest.raises(rundir.RunDirError, match="holds at least 12 file"):
+        rundir.claim(paths, False, "tunelab")
