@@ -47,7 +47,7 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
         cache = StageCache(cfg.cache, paths)
         for stage in stages:
             console.rule(f"[bold]{stage}")
-            results[stage] = run_stage(stage, cfg, paths, cache, data_hash, results)
+            results[stage] = run_stage(stage, cfg, paths, cache, data_hash, results, tracker.reporter())
             tracker.log_stage(stage, results[stage], paths, cfg)
         tracker.set_tags(_outcome_tags(paths, results))
     results["config_hash"] = identity
@@ -56,8 +56,10 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
     return results
 
 
-def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, data_hash: str, results: dict):
-    """Reuse the stage's cached outputs when its key matches, else run it and cache what it wrote."""
+def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, data_hash: str, results: dict,
+              reporter=None):
+    """Reuse the stage's cached outputs when its key matches, else run it and cache what it wrote.
+    train streams its curve to the tracked run through reporter (tracking.Reporter) while it runs."""
     key = stage_key(stage, cfg, paths, data_hash)
     hit = cache.lookup(stage, key)
     if hit is not None:
@@ -66,7 +68,7 @@ def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, d
         results.setdefault("reused", []).append(stage)
         return cache.restore(stage, key, hit)
     cache.prepare_fresh(stage)
-    result = STAGES[stage](cfg, paths)
+    result = STAGES[stage](cfg, paths, reporter=reporter) if stage == "train" else STAGES[stage](cfg, paths)
     cache.store(stage, key, result)
     return result
 
