@@ -103,6 +103,8 @@ def test_a_kill_at_90_percent_resumes_from_the_last_checkpoint_and_ends_as_an_un
     assert [s["step"] for s in losses(tmp)] == list(range(1, STEPS + 1))  # the whole curve
     assert losses(tmp)[-1]["loss"] == pytest.approx(losses(baseline)[-1]["loss"], abs=LOSS_TOLERANCE)
     assert adapter(tmp) == adapter(baseline)  # measured: bitwise equal on the CPU
+    # the mean loss over all the steps, not only those of the resumed process
+    assert summary(tmp)["train_loss"] == pytest.approx(summary(baseline)["train_loss"], abs=LOSS_TOLERANCE)
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_and_named_for_the_previous_one(baseline, tmp_path):

@@ -149,8 +149,8 @@ def run(cfg, paths: RunPaths, reporter=None) -> dict:
         "end_of_turn": template.end_of_turn,
         "train_rows": len(dataset),
         "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_loss": resume.mean_loss(paths.loss_log) if resumed_from else result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),  # after a resume: the resumed part
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         **plan.as_dict(),
         "eot_loss_tokens": contract.eot_loss_tokens,

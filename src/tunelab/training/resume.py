@@ -74,3 +74,15 @@ def continue_curve(folder: Path, loss_log: Path, reporter) -> dict:
     say(f"resuming from step {resumed['step']} of {total}: {folder} (written by MLflow run "
         f"{resumed['run_id'] or '(untracked)'})")
     return resumed
+
+
+def mean_loss(loss_log: Path) -> float:
+    """The mean loss per step over the whole curve (loss.jsonl, the steps before the resume too): what
+    HF's training_loss is for an uninterrupted run. A resumed Trainer's own averages only the steps it
+    ran itself over all the steps, so it cannot be used."""
+    steps = [json.loads(line) for line in loss_log.read_text().splitlines()]
+    total, previous = 0.0, 0
+    for entry in steps:  # each logged loss is the mean of its logging window
+        total += entry["loss"] * (entry["step"] - previous)
+        previous = entry["step"]
+    return total / previous if previous else float("nan")
