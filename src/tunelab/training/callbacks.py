@@ -78,6 +78,7 @@ class CheckpointPolicy:
         self.pending = pending  # runstate.Pending: an interrupt to save for
         self.every, self.max_steps, self.last_save = 0, 0, time.monotonic()
         self.interrupt_step: Optional[int] = None
+        self.save_started = time.monotonic()
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +99,7 @@ class CheckpointPolicy:
                                                      else "stopping (training.save_steps=0: no checkpoint)"))
         if save:
             checkpoints.unmark(self.root / f"checkpoint-{step}")  # overwritten now: not complete until verified
+            self.save_started = time.monotonic()
         return save, stop
 
     def saved(self, step: int) -> None:
@@ -110,4 +112,5 @@ class CheckpointPolicy:
         self.last_save = time.monotonic()
         removed = checkpoints.rotate(self.root, self.keep, protect=folder)
         note = f" (removed {', '.join(p.name for p in removed)})" if removed else ""
-        say(f"checkpoint {folder} verified: step {step} of {self.max_steps}{note}")
+        say(f"checkpoint {folder} verified: step {step} of {self.max_steps}, saved and verified in "
+            f"{self.last_save - self.save_started:.2f} s{note}")
