@@ -65,7 +65,6 @@ def main(argv: list) -> None:
         tmp = Path(name)
         print(f"prepare ({' '.join(common)})", file=sys.stderr, flush=True)
         tunelab(tmp, tmp / "prepared", [*common, "stage=prepare"])
-        shutil.rmtree(tmp / "prepared/.tunelab", ignore_errors=True)
         results = {"with": [], "without": []}
         for repeat in range(args.repeats):  # alternating: a slower moment of a shared machine hits both
             print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
