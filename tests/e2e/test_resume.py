@@ -141,16 +141,30 @@ def live_loss_points(tmp: Path) -> list:
         return []
 
 
+def test_the_loss_curve_reaches_mlflow_while_training_runs(prepared, tmp_path):
+    tmp = fresh(prepared, tmp_path)
+    process = subprocess.Popen(command(tmp, "training.max_steps=100000", "training.save_steps=0"), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # The store exists once training has begun (opening it sooner would race its creation).
+        wait_for(lambda: (tmp / "run/train/loss.jsonl").is_file(), process, "the first training step")
+        wait_for(lambda: len(live_loss_points(tmp)) >= 2, process, "train.loss in MLflow while training")
+        [run] = runs(tmp)
+        assert run.info.status == "RUNNING"  # nothing has ended it: the curve came while it ran
+        assert {"train.learning_rate", "train.grad_norm", "train.epoch"} <= set(run.data.metrics)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+
+
 def test_sigterm_saves_a_checkpoint_ends_killed_and_the_next_run_resumes_linked_to_it(prepared, tmp_path):
     tmp = fresh(prepared, tmp_path)
     # No periodic checkpoint: the only one is the one SIGTERM makes.
     process = subprocess.Popen(command(tmp, "training.save_steps=1000"), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     try:
-        # The store exists once training has begun (opening it sooner would race its creation);
-        # then the live curve: the run shows its loss while it trains, before anything ends it.
+        # SIGTERM once the first step is logged: 9 steps are left, so it lands during training.
         wait_for(lambda: (tmp / "run/train/loss.jsonl").is_file(), process, "the first training step")
-        wait_for(lambda: len(live_loss_points(tmp)) >= 2, process, "train.loss in MLflow while training")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=300) == 143
         stderr = process.stderr.read()
@@ -163,6 +177,9 @@ def test_sigterm_saves_a_checkpoint_ends_killed_and_the_next_run_resumes_linked_
     assert 2 <= step < STEPS and f"saving a checkpoint at step {step}, then stopping" in stderr
     record = json.loads((folder / "tunelab-checkpoint.json").read_text())
     assert record["global_step"] == step and record["mlflow_run_id"] == killed.info.run_id
+    # A KILLED run never reaches the end-of-stage logging: these points were streamed while it trained.
+    killed_curve = [m.step for m in mlflow_client(tmp).get_metric_history(killed.info.run_id, "train.loss")]
+    assert sorted(killed_curve) == list(range(1, step + 1))
 
     done = tunelab(tmp, "training.save_steps=1000")
     assert done.returncode == 0, done.stderr[-3000:]
