@@ -48,7 +48,8 @@ def measure(tmp: Path, prepared: Path, label: str, overrides: list) -> dict:
     summary = json.loads((run_dir / "train/summary.json").read_text())
     saves = [float(s) for s in re.findall(r"saved and verified in ([0-9.]+) s", stderr)]
     print(f"  {label:<10} train {summary['train_runtime_s']:7.2f} s  wall {wall:6.1f} s  "
-          f"({summary['steps']} steps, {len(saves)} saves)", file=sys.stderr, flush=True)
+          f"({summary['steps']} steps, {len(saves)} saves"
+          + (f", median save {statistics.median(saves):.3f} s)" if saves else ")"), file=sys.stderr, flush=True)
     return {"train": summary["train_runtime_s"], "wall": wall, "steps": summary["steps"], "saves": saves}
 
 
