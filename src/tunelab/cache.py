@@ -34,6 +34,9 @@ SECTIONS: Dict[str, List[str]] = {
     "export": ["model", "template", "quantization", "eval.evaluate_base"],
     "evaluate": ["model", "template", "quantization", "eval"],
 }
+# How often training saves checkpoints and which one it resumes from do not change what it computes
+# (a resumed training ends with the uninterrupted one's bytes on the CPU: docs/resume.md).
+NOT_IN_KEYS = ("training.save_steps", "training.save_minutes", "training.keep_checkpoints", "training.resume")
 UPSTREAM: Dict[str, List[str]] = {"prepare": [], "train": ["prepare"], "export": ["train"],
                                   "evaluate": ["prepare", "export"]}
 # Which files of the base model each stage reads: prepare only the tokenizer, the others the weights too.
@@ -66,6 +69,10 @@ def stage_inputs(stage: str, paths: RunPaths, dataset_sha256: str, model: Option
 def stage_key(stage: str, cfg, inputs: dict) -> str:
     config = {name: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, name)}), resolve=True)["v"]
               for name in SECTIONS[stage]}
+    for dotted in NOT_IN_KEYS:
+        section, field = dotted.split(".")
+        if isinstance(config.get(section), dict):
+            config[section].pop(field, None)
     payload = {"stage": stage, "config": config, "inputs": inputs, "code": code_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

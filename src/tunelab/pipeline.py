@@ -50,7 +50,7 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
             model = _model_inputs(cfg, paths, stages)
             for stage in stages:
                 console.rule(f"[bold]{stage}")
-                results[stage] = run_stage(stage, cfg, paths, cache, data_hash, model, results)
+                results[stage] = run_stage(stage, cfg, paths, cache, data_hash, model, results, tracker.reporter())
                 tracker.log_stage(stage, results[stage], paths, cfg)
             tracker.set_tags(_outcome_tags(paths, results))
     finally:
@@ -83,9 +83,10 @@ def _model_inputs(cfg: DictConfig, paths: RunPaths, stages) -> Optional[dict]:
 
 
 def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, data_hash: str,
-              model: Optional[dict], results: dict):
+              model: Optional[dict], results: dict, reporter=None):
     """Reuse the stage's cached outputs when its key matches (every byte verified on the way), else
-    run it and cache what it wrote. A damaged entry is dropped and the stage runs."""
+    run it and cache what it wrote. A damaged entry is dropped and the stage runs. train streams its
+    curve to the tracked run through reporter (tracking.Reporter) while it runs."""
     inputs = stage_inputs(stage, paths, data_hash, model)
     key = stage_key(stage, cfg, inputs)
     hit = cache.lookup(stage, key)
@@ -101,7 +102,7 @@ def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, d
             results.setdefault("reused", []).append(stage)
             return result
     StageRecord(paths, stage).begin(key)
-    result = STAGES[stage](cfg, paths)
+    result = STAGES[stage](cfg, paths, reporter=reporter) if stage == "train" else STAGES[stage](cfg, paths)
     cache.store(stage, key, result, inputs)
     return result
 

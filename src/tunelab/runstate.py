@@ -8,6 +8,11 @@ the cleanup short; later ones end the process at once. A sweep process whose job
 processes passes those workers the signal and waits for them (`sweep.stop_jobs`). A run whose
 process died without that chance (SIGKILL, power loss) is recognised later by its recorded pid and
 process start time.
+
+Training defers the first interrupt instead (`deferred_interrupts`): the signal is only recorded,
+the trainer saves a checkpoint at the end of its current step and stops, and the stage then raises
+the same interrupt (`raise_pending`), so a preempted job (SLURM's `scancel --signal=TERM@120`)
+loses no more than the step it was in. A second signal during the deferral raises at once.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Callable, List, Optional
 SHIELD_S = 60.0  # after the first interrupt, further SIGINT/SIGTERM are ignored this long
 STOP_CHILDREN_S = 120.0  # how long a sweep process waits for its workers to end their runs
 _first_interrupt: List[float] = []
+shielded: List[int] = []  # the signals the shield has ignored, in order (tests wait on this)
 
 
 class Terminated(KeyboardInterrupt):
@@ -38,6 +44,16 @@ def _shield(signum, frame) -> None:
     if time.monotonic() - _first_interrupt[0] > SHIELD_S:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+    shielded.append(signum)
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    """Shield the process from further SIGINT/SIGTERM and return the exception signum stands for."""
+    _first_interrupt.append(time.monotonic())
+    for handled in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(handled) is not signal.SIG_IGN:
+            signal.signal(handled, _shield)
+    return Terminated(f"received signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager
@@ -50,13 +66,10 @@ def sigterm_raises(on_interrupt: Optional[Callable[[int], None]] = None):
         return
 
     def _raise(signum, frame):
-        _first_interrupt.append(time.monotonic())
-        for shielded in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(shielded) is not signal.SIG_IGN:
-                signal.signal(shielded, _shield)
+        interrupt = _interrupt(signum)
         if on_interrupt is not None:
             on_interrupt(signum)
-        raise Terminated(f"received signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
+        raise interrupt
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     for signum, handler in previous.items():
@@ -72,6 +85,55 @@ def sigterm_raises(on_interrupt: Optional[Callable[[int], None]] = None):
         if not interrupted:  # after an interrupt the shield stays: the process is on its way out
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+class Pending:
+    """The interrupt a `deferred_interrupts` block has recorded: None, SIGTERM or SIGINT."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+@contextmanager
+def deferred_interrupts():
+    """Within this block the first SIGTERM/SIGINT is only recorded in the yielded Pending (poll it,
+    e.g. at the end of each training step); a second one raises at once, as sigterm_raises does.
+    The caller raises the recorded one with raise_pending when it has saved what it needs. Outside
+    the main thread, or for a signal the parent shell set to SIG_IGN, nothing changes."""
+    pending = Pending()
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+
+    def _record(signum, frame):
+        if pending:
+            raise _interrupt(signum)
+        pending.signum = signum
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN and handler is not _shield:
+            signal.signal(signum, _record)
+    interrupted = False
+    try:
+        yield pending
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if not interrupted:
+            for signum, handler in previous.items():
+                if signal.getsignal(signum) is _record:
+                    signal.signal(signum, handler)
+
+
+def raise_pending(pending: Pending) -> None:
+    """Raise the interrupt a deferred_interrupts block recorded (shielding the cleanup), if any."""
+    if pending:
+        raise _interrupt(pending.signum)
 
 
 def stop_children(signum: int) -> None:

@@ -84,6 +84,38 @@ def _log_failure(client, run_id: str) -> None:
         pass
 
 
+class Reporter:
+    """What a stage may send to the tracked run while it runs (the live training curve, tags), without
+    importing mlflow. run_id is None when tracking is off; then every call does nothing. A store that
+    fails mid-training is reported once and not retried: the curve is also in loss.jsonl."""
+
+    def __init__(self, run_id: Optional[str]):
+        self.run_id = run_id
+        self._broken = False
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._call(lambda client: client.log_batch(
+            self.run_id, metrics=[Metric(key, float(value), now, int(step)) for key, value in metrics.items()]))
+
+    def set_tags(self, tags: dict) -> None:
+        self._call(lambda client: [client.set_tag(self.run_id, key, str(value)) for key, value in tags.items()])
+
+    def _call(self, send) -> None:
+        if self.run_id is None or self._broken:
+            return
+        from mlflow.tracking import MlflowClient
+
+        try:
+            send(MlflowClient())
+        except Exception as err:  # noqa: BLE001 - the training goes on; the run shows what it got
+            self._broken = True
+            print(f"tunelab: WARNING: the tracking store failed ({type(err).__name__}: {err}); "
+                  "the rest of this run's live curve is in train/loss.jsonl only", flush=True)
+
+
 class Tracker:
     def __init__(self, tracking_cfg):
         self.cfg = tracking_cfg
@@ -118,6 +150,10 @@ class Tracker:
         finally:
             mlflow.end_run(status=status)
 
+    def reporter(self) -> Reporter:
+        """For a stage to stream to this run while it runs (a no-op one when tracking is off)."""
+        return Reporter(self.run_id if self.cfg.enabled else None)
+
     def set_tags(self, tags: dict) -> None:
         if self.run_id:
             import mlflow
@@ -144,12 +180,18 @@ class Tracker:
         import mlflow
         from mlflow.entities import Metric
 
+        # The curve itself (train.loss, ...) was streamed while training ran (Reporter); a train
+        # stage restored from the cache did not run here, so its curve is logged from loss.jsonl.
         steps = [json.loads(line) for line in paths.loss_log.read_text().splitlines()] if paths.loss_log.exists() else []
-        metrics = [Metric("train.loss", s["loss"], 0, s["step"]) for s in steps]
-        metrics += [Metric("train.learning_rate", s["learning_rate"], 0, s["step"]) for s in steps if "learning_rate" in s]
-        if metrics:
-            mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=metrics)
+        if steps and not self._has_curve():
+            from tunelab.training.callbacks import curve_metrics
+
+            mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=[
+                Metric(key, value, 0, s["step"]) for s in steps for key, value in curve_metrics(s).items()])
+        if steps:
             mlflow.log_figure(plots.loss_figure(steps), "plots/train_loss.png")
+        if result.get("resumed_from"):
+            mlflow.log_dict(result["resumed_from"], "train/resumed_from.json")
         mlflow.set_tags({f"tunelab.{key}": str(result[key]) for key in
                          ("backend", "backend_reason", "gradient_checkpointing", "gradient_checkpointing_reason")
                          if key in result})
@@ -159,6 +201,11 @@ class Tracker:
         mlflow.log_metric("train.eot_loss_tokens", result.get("eot_loss_tokens", 0))
         if result.get("added_tokens"):  # special tokens the template needed, added and trained
             mlflow.set_tag("tunelab.added_tokens", json.dumps(result["added_tokens"]))
+
+    def _has_curve(self) -> bool:
+        import mlflow
+
+        return "train.loss" in mlflow.tracking.MlflowClient().get_run(self.run_id).data.metrics
 
     def _log_export(self, result, paths, cfg):
         import mlflow

@@ -65,6 +65,8 @@ def test_keys_follow_their_own_config_and_the_bytes_of_their_inputs(compose_cfg,
     assert changed(base, keys(compose_cfg("experiment=smoke", "training.learning_rate=1e-3"), fake_run)) == ["train"]
     assert changed(base, keys(compose_cfg("experiment=smoke", "paths.run_dir=elsewhere", "tracking=off"),
                               fake_run)) == []
+    assert changed(base, keys(compose_cfg("experiment=smoke", "training.save_steps=7", "training.resume=never",
+                                          "training.keep_checkpoints=5"), fake_run)) == []
     adapter = fake_run.run_dir / "train/adapter/adapter_model.safetensors"
     adapter.write_text("retrained")
     with pytest.raises(IntegrityError, match="train/adapter/adapter_model.safetensors changed"):

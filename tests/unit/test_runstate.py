@@ -3,6 +3,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,6 +19,20 @@ def handlers():
         signal.signal(signum, handler)
 
 
+DEADLINE_S = 30.0  # generous: a loaded machine delays delivery, it does not lose the signal
+
+
+def deliver(signum, until=lambda: False):
+    """Send signum to this process and wait, up to DEADLINE_S, for what it causes: an exception its
+    handler raises here (the loop is where Python runs handlers), or until() turning true. os.kill
+    to oneself is delivered asynchronously, so returning right after it would race the handler."""
+    os.kill(os.getpid(), signum)
+    deadline = time.monotonic() + DEADLINE_S
+    while not until():
+        assert time.monotonic() < deadline, f"signal {signum} was not handled within {DEADLINE_S} s"
+        time.sleep(0.01)
+
+
 def test_sigterm_raises_terminated_which_counts_as_an_interrupt(handlers):
     with runstate.sigterm_raises():
         pass
@@ -25,7 +40,7 @@ def test_sigterm_raises_terminated_which_counts_as_an_interrupt(handlers):
     seen = []
     with pytest.raises(runstate.Terminated) as caught:
         with runstate.sigterm_raises(on_interrupt=seen.append):
-            os.kill(os.getpid(), signal.SIGTERM)
+            deliver(signal.SIGTERM)
     assert isinstance(caught.value, KeyboardInterrupt) and seen == [signal.SIGTERM]
     assert runstate.exit_code(caught.value) == 143 and runstate.exit_code(KeyboardInterrupt()) == 130
 
@@ -33,11 +48,42 @@ def test_sigterm_raises_terminated_which_counts_as_an_interrupt(handlers):
 def test_after_the_first_interrupt_more_signals_do_not_cut_the_cleanup_short(handlers):
     with pytest.raises(KeyboardInterrupt) as caught:
         with runstate.sigterm_raises():
-            os.kill(os.getpid(), signal.SIGINT)
+            deliver(signal.SIGINT)
     assert not isinstance(caught.value, runstate.Terminated)
-    os.kill(os.getpid(), signal.SIGTERM)  # shielded: ignored, the test process lives on
-    os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is runstate._shield
+    before = len(runstate.shielded)
+    deliver(signal.SIGTERM, until=lambda: len(runstate.shielded) > before)  # ignored: the process lives on
+    deliver(signal.SIGINT, until=lambda: len(runstate.shielded) > before + 1)
+    assert runstate.shielded[before:] == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_a_deferred_interrupt_is_recorded_then_raised_when_the_caller_is_ready(handlers):
+    with runstate.deferred_interrupts() as pending:
+        deliver(signal.SIGTERM, until=lambda: bool(pending))  # recorded, not raised: the step goes on
+        assert pending.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is handlers[signal.SIGTERM]  # the block's handler is gone
+    with pytest.raises(runstate.Terminated):
+        runstate.raise_pending(pending)
+    assert signal.getsignal(signal.SIGTERM) is runstate._shield  # the cleanup after it is shielded
+    runstate.raise_pending(runstate.Pending())  # nothing recorded: nothing raised
+
+
+def test_a_second_signal_during_a_deferral_raises_at_once(handlers):
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with runstate.deferred_interrupts() as pending:
+            deliver(signal.SIGTERM, until=lambda: bool(pending))
+            deliver(signal.SIGINT)  # raises inside this loop
+    assert not isinstance(caught.value, runstate.Terminated) and pending.signum == signal.SIGTERM
+
+
+def test_inside_a_deferral_sigterm_raises_resumes_after_it(handlers):
+    """train's deferral nests inside the tracker's sigterm_raises: outside it, SIGTERM raises again."""
+    with pytest.raises(runstate.Terminated):
+        with runstate.sigterm_raises():
+            with runstate.deferred_interrupts() as pending:
+                pass
+            assert not pending
+            deliver(signal.SIGTERM)
 
 
 CHILD = """

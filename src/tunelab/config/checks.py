@@ -132,6 +132,23 @@ def check_training(cfg) -> List[str]:
         problems.append(f"training.learning_rate={t.learning_rate} must be > 0")
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("training.epochs must be > 0 unless training.max_steps is set")
+    return problems + check_checkpointing(t)
+
+
+def check_checkpointing(t) -> List[str]:
+    problems = []
+    steps = t.save_steps
+    if not (steps == "auto" or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0)):
+        problems.append(f"training.save_steps={steps!r} must be auto, 0 (no checkpoints) or a number of steps >= 1")
+    if t.save_minutes is not None and not t.save_minutes >= 0:
+        problems.append(f"training.save_minutes={t.save_minutes} must be >= 0 (0 or null: save by steps only)")
+    if not isinstance(t.keep_checkpoints, int) or t.keep_checkpoints < 1:
+        problems.append(f"training.keep_checkpoints={t.keep_checkpoints!r} must be >= 1 (training.save_steps=0 "
+                        "turns checkpoints off)")
+    resume = str(t.resume)
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        problems.append(f"training.resume={resume!r} is not auto, never or an existing checkpoint folder "
+                        f"(relative to {Path.cwd()})")
     return problems
 
 

@@ -13,8 +13,11 @@ from typing import Iterable
 from omegaconf import DictConfig, OmegaConf
 
 IGNORED_KEYS = ("paths", "tracking", "stage", "hydra", "cache", "sweep")
-# Fields that change what is logged, not what is computed.
-IGNORED_FIELDS = (("training", "logging_steps"), ("eval", "samples_to_log"))
+# Fields that change what is logged, or how often a checkpoint is saved and which one training
+# continues from, not what is computed (a resumed training computes what an uninterrupted one does:
+# docs/resume.md).
+IGNORED_FIELDS = (("training", "logging_steps"), ("eval", "samples_to_log"), ("training", "save_steps"),
+                  ("training", "save_minutes"), ("training", "keep_checkpoints"), ("training", "resume"))
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

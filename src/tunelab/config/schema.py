@@ -167,6 +167,18 @@ class TrainingConfig:
     logging_steps: int = 5
     seed: int = 42
     threads: Optional[int] = None
+    # Checkpoints (adapter, optimizer, scheduler, RNG and trainer state) under <run_dir>/checkpoints,
+    # each verified and marked complete before it counts (docs/resume.md). auto: every ceil(10%) of
+    # the steps; an integer N: every N steps; 0: none (and no checkpoint on SIGTERM either).
+    save_steps: Any = "auto"
+    # Also save when this many minutes have passed since the last save (0 or null: steps only).
+    save_minutes: Optional[float] = 5.0
+    # Complete checkpoints kept; an older one is deleted only after a newer one is verified.
+    keep_checkpoints: int = 2
+    # auto: continue from the newest complete checkpoint of this same training (same config, data
+    # and world size), else start over; never: start over; a checkpoint-<step> folder: resume from
+    # exactly that one (refused, exit 2, when it is incomplete or another training's).
+    resume: str = "auto"
 
 
 @dataclass

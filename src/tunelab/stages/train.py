@@ -10,12 +10,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunelab import runstate
+from tunelab.config.identity import file_sha256
 from tunelab.data.formats import read_prepared
 from tunelab.models.source import load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
 from tunelab.templates.chat import TemplateError, template_from_config, template_tokenizer, tokenize_conversation
 from tunelab.templates.parity import training_contract
+from tunelab.training import checkpoints, resume
 from tunelab.training.backends import load_for_training, plan_training
+from tunelab.training.callbacks import CheckpointPolicy, make_callbacks
+
+
+class NullReporter:
+    """Where the live curve goes when nothing tracks the run."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
 
 
 def build_dataset(conversations, template, tokenizer, max_length: int):
@@ -33,20 +49,6 @@ def build_dataset(conversations, template, tokenizer, max_length: int):
     if problems:
         raise TemplateError("rows the template cannot train on:\n  " + "\n  ".join(problems[:20]))
     return Dataset.from_list(rows)
-
-
-def _loss_logger(path: Path):
-    from transformers import TrainerCallback
-
-    class LossLogger(TrainerCallback):
-        """Writes every logged training step to loss.jsonl, for the tracker to read afterwards."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                with open(path, "a") as handle:
-                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    return LossLogger()
 
 
 def _trainer_class():
@@ -75,7 +77,7 @@ def _sft_config(training_cfg, out_dir: Path, plan):
 
     dtype = plan.dtype
     return SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(out_dir),
         per_device_train_batch_size=training_cfg.batch_size,
         gradient_accumulation_steps=training_cfg.gradient_accumulation_steps,
         num_train_epochs=training_cfg.epochs,
@@ -85,6 +87,8 @@ def _sft_config(training_cfg, out_dir: Path, plan):
         warmup_steps=training_cfg.warmup_ratio,
         weight_decay=training_cfg.weight_decay,
         logging_steps=training_cfg.logging_steps,
+        # tunelab decides when to save (CheckpointPolicy sets should_save) and rotates itself, after
+        # verifying the newer checkpoint: HF's own schedule and save_total_limit stay off.
         save_strategy="no",
         report_to="none",
         seed=training_cfg.seed,
@@ -112,11 +116,13 @@ def make_trainer(cfg, model, tokenizer, dataset, out_dir: Path, plan, callbacks=
                             train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
 
 
-def run(cfg, paths: RunPaths) -> dict:
-    """Train a LoRA adapter; write it, its tokenizer and loss.jsonl under paths.train_dir."""
+def run(cfg, paths: RunPaths, reporter=None) -> dict:
+    """Train a LoRA adapter; write it, its tokenizer and loss.jsonl under paths.train_dir, checkpoints
+    under paths.checkpoints_dir. reporter (log_metrics, set_tags, run_id) gets the live curve."""
     import torch
     from transformers import set_seed
 
+    reporter = reporter or NullReporter()
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     base_dir = resolve_model(cfg.model, paths)
@@ -135,20 +141,37 @@ def run(cfg, paths: RunPaths) -> dict:
     tokenizer.save_pretrained(paths.train_tokenizer_dir)
     contract.write(paths.template_contract)
     paths.loss_log.unlink(missing_ok=True)
-    trainer = make_trainer(cfg, model, tokenizer, dataset, paths.train_dir, plan, [_loss_logger(paths.loss_log)])
-    result = trainer.train()
+    result, resumed_from = _train(cfg, paths, reporter, make_trainer(cfg, model, tokenizer, dataset,
+                                                                      paths.checkpoints_dir, plan))
     model.save_pretrained(paths.adapter_dir)
     summary = {
         "base_model_dir": str(base_dir),
         "end_of_turn": template.end_of_turn,
         "train_rows": len(dataset),
         "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_loss": resume.mean_loss(paths.loss_log) if resumed_from else result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),  # after a resume: the resumed part
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         **plan.as_dict(),
         "eot_loss_tokens": contract.eot_loss_tokens,
         "added_tokens": added,
+        "resumed_from": resumed_from,
     }
     (paths.train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _train(cfg, paths: RunPaths, reporter, trainer):
+    """trainer.train(), from the checkpoint training.resume picks, saving checkpoints as the policy
+    says. A first SIGTERM/SIGINT saves a checkpoint at the end of the step, then is raised here."""
+    world_size = trainer.args.world_size
+    identity = checkpoints.training_identity(cfg, file_sha256(paths.train_jsonl), world_size)
+    start = resume.choose(str(cfg.training.resume), paths.checkpoints_dir, identity, world_size)
+    resumed_from = resume.continue_curve(start, paths.loss_log, reporter) if start else None
+    with runstate.deferred_interrupts() as pending:
+        policy = CheckpointPolicy(paths.checkpoints_dir, cfg.training, identity, world_size, reporter.run_id, pending)
+        for callback in make_callbacks(paths.loss_log, reporter, policy):
+            trainer.add_callback(callback)
+        result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    runstate.raise_pending(pending)  # the run ends KILLED, as it would have without the deferral
+    return result, resumed_from
