@@ -7,6 +7,7 @@ from typing import Callable, List
 
 from omegaconf import DictConfig
 
+from tunelab.config.errors import ConfigError  # noqa: F401  (callers import it from here too)
 from tunelab.data.sources import input_path_problem
 from tunelab.templates.chat import BOS_POLICIES
 from tunelab.eval.registry import metric_problems
@@ -20,14 +21,6 @@ MODEL_SOURCES = ("package_gguf", "local", "hub", "tiny")
 BACKENDS = ("hf", "unsloth", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTING = ("auto", "on", "off", "unsloth")
-
-
-class ConfigError(ValueError):
-    """All the problems of one config, each naming its key."""
-
-    def __init__(self, problems: List[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _choice(key: str, value, allowed) -> List[str]:

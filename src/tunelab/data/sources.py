@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
+from tunelab.config.errors import ConfigError
 from tunelab.config.identity import combine_digests, path_sha256
 
 FILE_FORMATS = ("csv", "sharegpt", "openai", "alpaca")
@@ -117,8 +118,6 @@ def _kind(mode: int) -> str:
 def require_input_path(source: Source) -> None:
     """Raise ConfigError (exit 2) where the source's path is no input of its format: the same rule
     as validate's, for the callers that read or hash sources without it (reproduce, unit-level loads)."""
-    from tunelab.config.checks import ConfigError  # checks imports this module
-
     problem = input_path_problem(source.key, source.path, source.format)
     if problem:
         raise ConfigError([problem])
