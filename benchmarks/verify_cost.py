@@ -2,6 +2,7 @@
 
     python benchmarks/verify_cost.py                         # experiment=smoke, a 4 GB file
     python benchmarks/verify_cost.py --gb 8 experiment=tweets
+    python benchmarks/verify_cost.py --file-only             # part 2 only
 
 Part 1 runs the experiment once (fresh stage cache, in a temporary folder), then twice unchanged:
 in the same run directory (every file verified in place) and into a new one (every file copied out
@@ -122,7 +123,10 @@ def main(argv: list) -> None:
         index = argv.index("--gb")
         gigabytes = float(argv[index + 1])
         argv = argv[:index] + argv[index + 2:]
-    part_one(argv or ["experiment=smoke"])
+    if "--file-only" in argv:
+        argv.remove("--file-only")
+    else:
+        part_one(argv or ["experiment=smoke"])
     part_two(gigabytes)
 
 
