@@ -94,6 +94,8 @@ class Reporter:
         self._broken = False
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.run_id is None:  # untracked: mlflow may not even be installed (the bare GPU box)
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
