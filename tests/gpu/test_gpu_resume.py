@@ -17,14 +17,14 @@ from test_gpu_training import ROOT, tiny_model  # noqa: F401  (the shared fixtur
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-STEPS = 120
+STEPS = 600
 LOSS_TOLERANCE = 0.02  # relative, resumed vs uninterrupted final mean loss (measured on the H200: docs/resume.md)
 
 
 def command(run_dir: Path, model: Path, backend: str, *overrides):
     return [sys.executable, "-m", "tunelab", "experiment=smoke", "model=local", f"model.path={model}",
             f"paths.run_dir={run_dir}", "tracking=off", f"training.backend={backend}", f"training.max_steps={STEPS}",
-            "training.save_steps=5", "training.save_minutes=0", *overrides]
+            "training.save_steps=50", "training.save_minutes=0", *overrides]
 
 
 def train(run_dir: Path, model: Path, backend: str):
@@ -43,17 +43,17 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_from_it(tmp_pat
     _, solo = train(tmp_path / "solo", tiny_model, backend)
     process = subprocess.Popen(command(tmp_path / "killed", tiny_model, backend, "stage=train"), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = tmp_path / "killed/checkpoints/checkpoint-10/tunelab-checkpoint.json"
+    markers = tmp_path / "killed/checkpoints"
     deadline = time.monotonic() + 600
-    while not marker.is_file():  # a condition, not a delay: two checkpoints are complete
+    while not list(markers.glob("checkpoint-*/tunelab-checkpoint.json")):  # a condition: one is complete
         assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint-10"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, "no complete checkpoint"
+        time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) == 143, process.stderr.read()[-3000:]
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "killed/checkpoints").glob("checkpoint-*")
                    if (p / "tunelab-checkpoint.json").is_file())
-    assert saved and saved[-1] >= 10
+    assert saved and 50 <= saved[-1] < STEPS
     done, resumed = train(tmp_path / "killed", tiny_model, backend)
     assert f"resuming from step {saved[-1]} of {STEPS}" in done.stderr + done.stdout
     assert resumed["backend"] == backend and resumed["steps"] == solo["steps"] == STEPS
