@@ -24,7 +24,7 @@ LOSS_TOLERANCE = 0.02  # relative, resumed vs uninterrupted final mean loss (mea
 def command(run_dir: Path, model: Path, backend: str, *overrides):
     return [sys.executable, "-m", "tunelab", "experiment=smoke", "model=local", f"model.path={model}",
             f"paths.run_dir={run_dir}", "tracking=off", f"training.backend={backend}", f"training.max_steps={STEPS}",
-            "training.save_steps=50", "training.save_minutes=0", *overrides]
+            "training.save_steps=50", "training.save_minutes=0", "cache.enabled=false", *overrides]
 
 
 def train(run_dir: Path, model: Path, backend: str):
