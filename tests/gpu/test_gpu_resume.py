@@ -18,7 +18,7 @@ from test_gpu_training import ROOT, tiny_model  # noqa: F401  (the shared fixtur
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 STEPS = 600
-LOSS_TOLERANCE = 0.02  # relative, resumed vs uninterrupted final mean loss (measured on the H200: docs/resume.md)
+LOSS_TOLERANCE = 1e-3  # relative, resumed vs uninterrupted mean loss; measured on the H200: unsloth 2.0e-6, hf 0
 
 
 def command(run_dir: Path, model: Path, backend: str, *overrides):
