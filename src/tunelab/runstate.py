@@ -71,10 +71,19 @@ def sigterm_raises(on_interrupt: Optional[Callable[[int], None]] = None):
             on_interrupt(signum)
         raise interrupt
 
+    with _handling(_raise):
+        yield
+
+
+@contextmanager
+def _handling(handler):
+    """SIGTERM and SIGINT go to handler within the block (not where the parent shell set SIG_IGN, nor
+    over the shield). The previous handlers come back unless the block ended by an interrupt: then
+    the shield stays, the process is on its way out."""
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    for signum, handler in previous.items():
-        if handler is not signal.SIG_IGN and handler is not _shield:
-            signal.signal(signum, _raise)
+    for signum, old in previous.items():
+        if old is not signal.SIG_IGN and old is not _shield:
+            signal.signal(signum, handler)
     interrupted = False
     try:
         yield
@@ -82,9 +91,10 @@ def sigterm_raises(on_interrupt: Optional[Callable[[int], None]] = None):
         interrupted = True
         raise
     finally:
-        if not interrupted:  # after an interrupt the shield stays: the process is on its way out
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        if not interrupted:
+            for signum, old in previous.items():
+                if signal.getsignal(signum) is handler:
+                    signal.signal(signum, old)
 
 
 class Pending:
@@ -113,21 +123,8 @@ def deferred_interrupts():
             raise _interrupt(signum)
         pending.signum = signum
 
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    for signum, handler in previous.items():
-        if handler is not signal.SIG_IGN and handler is not _shield:
-            signal.signal(signum, _record)
-    interrupted = False
-    try:
+    with _handling(_record):
         yield pending
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        if not interrupted:
-            for signum, handler in previous.items():
-                if signal.getsignal(signum) is _record:
-                    signal.signal(signum, handler)
 
 
 def raise_pending(pending: Pending) -> None:
