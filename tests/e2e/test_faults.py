@@ -153,3 +153,19 @@ def test_kill_9_in_every_stage_then_the_same_command_finishes_with_the_solo_runs
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "took over the lock" in done.stdout
     assert outputs(run_dir) == expected
+
+
+def test_prepare_runs_again_when_the_tokenizer_template_or_length_limit_changes(tmp_path):
+    cache = tmp_path / "stages"
+
+    def prepare(name, *overrides):
+        done = tunelab(tmp_path, tmp_path / name, cache, "stage=prepare", "tracking=off", *overrides)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return "reused prepare" in done.stdout
+
+    chatml = ("template=chatml", "template.add_missing_tokens=true")  # Llama 3's tokenizer lacks ChatML's tokens
+    assert not prepare("first", *chatml)
+    assert prepare("same", *chatml)  # unchanged: reused, every file verified
+    assert not prepare("length", *chatml, "training.max_seq_length=200")
+    assert not prepare("template", "template=zephyr", "template.add_missing_tokens=true")
+    assert not prepare("tokenizer", *chatml, "model.tiny.tokenizer=llama3")
