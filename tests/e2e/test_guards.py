@@ -49,6 +49,16 @@ def run_copy(trained, tmp_path):
     return tmp_path
 
 
+def record_as_trained(run_dir: Path) -> None:
+    """The train stage's record lists the adapter's new bytes: otherwise export refuses it earlier,
+    as a file changed since training wrote it (tunelab.records), not for its NaN."""
+    from tunelab.paths import RunPaths
+    from tunelab.records import StageRecord, file_entries
+
+    record = StageRecord(RunPaths(run_dir, run_dir), "train")
+    record.complete(record.complete_record()["key"], file_entries(record.folder))
+
+
 def test_a_nan_in_the_adapter_is_refused_at_export_naming_the_file(run_copy):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -59,6 +69,7 @@ def test_a_nan_in_the_adapter_is_refused_at_export_naming_the_file(run_copy):
     name = sorted(k for k in weights if "lora_B" in k)[0]
     weights[name].view(-1)[0] = float("nan")
     save_file(weights, adapter, metadata=metadata)
+    record_as_trained(run_copy / "run")  # as if training itself had written the NaN
     done = tunelab(run_copy, "stage=export")
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"ExportError: the adapter {adapter} holds NaN or infinite weights in 1 tensor(s): {name} (1 of" \
