@@ -40,16 +40,22 @@ def llama_cpp_version() -> str:
     return version("llama-cpp-python")
 
 
-def _download_sdist(version: str, into: Path) -> Path:
+def download_sdist(version: str, into: Path) -> Path:
+    """The llama-cpp-python source archive of `version` ($TUNELAB_LLAMA_CPP_SDIST, or fetched by pip
+    from the package index, which checks its hash, into `into`)."""
     local = os.environ.get("TUNELAB_LLAMA_CPP_SDIST")
     if local:
         return Path(local)
+    into.mkdir(parents=True, exist_ok=True)
+    kept = into / f"llama_cpp_python-{version}.tar.gz"
+    if kept.is_file():
+        return kept
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(into)]
     code, _, stderr = run_child(cmd)  # pip dies with tunelab too
     archives = list(into.glob("llama_cpp_python-*.tar.gz"))
     if code != 0 or not archives:
-        raise ExportError(f"could not fetch llama.cpp's converter (llama-cpp-python=={version} source archive):\n"
+        raise ExportError(f"could not fetch llama.cpp's source (the llama-cpp-python=={version} source archive):\n"
                           f"{stderr[-2000:]}\nOffline? Set TUNELAB_LLAMA_CPP_SDIST to a local copy of it.")
     return archives[0]
 
@@ -63,7 +69,7 @@ def ensure_converter(cache_root: Path) -> Path:
         return script
     cache_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
-        archive = _download_sdist(version, Path(tmp))
+        archive = download_sdist(version, Path(tmp))
         staging = Path(tmp) / "llama.cpp"
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
