@@ -31,7 +31,7 @@ from tunelab.records import StageRecord, file_entries, remember, sha256_file
 SECTIONS: Dict[str, List[str]] = {
     "prepare": ["dataset", "model", "template", "training.max_seq_length"],
     "train": ["model", "lora", "template", "training"],
-    "export": ["model", "template", "quantization", "eval.evaluate_base"],
+    "export": ["model", "template", "quantization", "eval.evaluate_base", "eval.n_ctx", "eval.max_new_tokens"],
     "evaluate": ["model", "template", "quantization", "eval"],
 }
 # How often training saves checkpoints and which one it resumes from do not change what it computes
@@ -63,6 +63,10 @@ def stage_inputs(stage: str, paths: RunPaths, dataset_sha256: str, model: Option
         inputs["dataset"] = dataset_sha256
     if MODEL_INPUT[stage] and model is not None:
         inputs[MODEL_INPUT[stage]] = model[MODEL_INPUT[stage]]
+    if stage == "export":  # the gate checks the GGUFs through llama-server too once it is built
+        from tunelab.serving.build import built_server
+
+        inputs["llama_server"] = "built" if built_server() else "absent"
     return inputs
 
 

@@ -145,6 +145,11 @@ def verdict_lines(summary: dict) -> str:
     for quant in verdict["broken"]:
         against = f" (against {verdict['reference']})" if verdict["reference"] not in (None, quant) else ""
         lines.append(f"[bold red]{quant} broke the model[/]: " + "; ".join(verdict["reasons"][quant]) + against)
+    decoding = summary.get("decoding") or {}
+    if "flash_attention" in decoding:
+        lines.append(f"decoded with {decoding['engine']}: greedy, flash attention {decoding['flash_attention']}, "
+                     f"repeat penalty {decoding['repeat_penalty']:g}, n_ctx {decoding['n_ctx']}, at most "
+                     f"{decoding['max_tokens']} tokens; `tunelab serve` serves with the same settings")
     if summary.get("kl_floor_unchecked"):
         lines.append("quantization.max_kl was not checked: eval.logit_metrics=false measures no KL divergence")
     if verdict["ship"] is None:

@@ -1,13 +1,9 @@
 """The template contract end to end: every template passes the parity gate on tiny models (one with
 Llama 3's real tokenizer); broken setups fail export naming the problem; the served GGUF answers an
-OpenAI client exactly as evaluation did."""
+OpenAI client exactly as evaluation did: tests/e2e/test_serving.py."""
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -21,7 +17,7 @@ from tunelab.paths import RunPaths
 from tunelab.stages import export, prepare, train
 from tunelab.templates.chat import TemplateError, add_special_tokens, template_from_config
 from tunelab.templates.parity import ParityError, run_gate
-from conftest import CONF, ROOT
+from conftest import CONF
 
 pytestmark = pytest.mark.slow
 TEMPLATES = sorted(p.stem for p in (CONF / "template").glob("*.yaml"))
@@ -38,8 +34,9 @@ def prepared(cfg):
     return paths
 
 
-def gate_untrained(cfg, tmp):
-    """A base model exported with the template (missing tokens added) and put through the gate."""
+def gate_untrained(cfg, tmp, keep=False):
+    """A base model exported with the template (missing tokens added) and put through the gate
+    (keep: also return the GGUF, template, tokenizer and training conversations)."""
     paths = prepared(cfg)
     base_dir = resolve_model(cfg.model, paths)
     tokenizer = load_tokenizer(base_dir)
@@ -49,7 +46,9 @@ def gate_untrained(cfg, tmp):
     model.resize_token_embeddings(len(tokenizer))
     write_hf_folder(model, tokenizer, template, tmp / "hf")
     gguf = convert(tmp / "hf", tmp / "model.f16.gguf", "f16", paths.converter_root)
-    return run_gate(gguf, template, tokenizer, read_prepared(paths.train_jsonl))
+    conversations = read_prepared(paths.train_jsonl)
+    report = run_gate(gguf, template, tokenizer, conversations)
+    return (report, gguf, template, tokenizer, conversations) if keep else report
 
 
 # Every template on the tiny SmolLM2-tokenizer model and on the one with Llama 3's real tokenizer.
@@ -144,45 +143,6 @@ def test_a_template_that_doubles_bos_fails_the_gate(tmp_path):
                  f"template.chat_template={doubled}", "template.bos=template", "template.assistant_start=null")
     with pytest.raises(ParityError, match=r"check 2 \(one BOS\).*2 leading BOS"):
         gate_untrained(cfg, tmp_path)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_the_served_gguf_answers_an_openai_client_as_evaluation_did(tmp_path):
-    from openai import OpenAI
-
-    from tunelab.eval.metrics import has_artifact
-
-    overrides = ["experiment=tweets", f"paths.run_dir={tmp_path}/run", "quantization=f16", "tracking=off"]
-    done = subprocess.run([sys.executable, "-m", "tunelab", *overrides, "training.max_steps=1", "training.batch_size=2",
-                           "eval.evaluate_base=false", "dataset.max_eval_rows=2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--port", str(port), *overrides],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        for _ in range(120):
-            try:
-                model = client.models.list().data[0].id
-                break
-            except Exception:
-                assert server.poll() is None, server.stdout.read()
-                time.sleep(0.5)
-        evaluated = [json.loads(line) for line in (tmp_path / "run/evaluate/generations.jsonl").read_text().splitlines()]
-        for row, messages in zip(evaluated, read_prepared(tmp_path / "run/prepare/eval.jsonl")):
-            reply = client.chat.completions.create(model=model, messages=messages[:-1], max_tokens=64,
-                                                   temperature=0.0, seed=0).choices[0]
-            assert reply.message.content == row["answer"]
-            assert reply.finish_reason == "stop" and not has_artifact(reply.message.content)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_a_tokenizer_that_prepends_bos_itself_gets_no_second_bos_in_the_gguf(tmp_path, monkeypatch):

@@ -21,22 +21,39 @@ def apply_template(model, tokenizer, template: ChatTemplate) -> int:
     return eot_id
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the model's own tokenizer starts every text with BOS (Llama 3, Gemma and Mistral do)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def gguf_add_bos(tokenizer, template: ChatTemplate) -> bool:
+    """The GGUF's tokenizer.ggml.add_bos_token: the base tokenizer's own policy where the trained text
+    starts with BOS, so that runtimes using their own template (llama.cpp's built-ins, an Ollama
+    TEMPLATE, LM Studio presets: none of them write BOS) still feed it. Runtimes that render the
+    embedded template do not add a second one: llama-cpp-python tokenizes a Jinja rendering without
+    adding BOS, llama-server strips the rendered BOS when it adds one. A template without BOS
+    (template.bos=none) trained without one: then the GGUF says false, whatever the base does."""
+    return template.bos == "template" and adds_bos(tokenizer)
+
+
 def write_hf_folder(model, tokenizer, template: ChatTemplate, out_dir: Path) -> int:
     """Save model + tokenizer (safetensors) with the template applied; returns the EOT id."""
+    add_bos = gguf_add_bos(tokenizer, template)
     eot_id = apply_template(model, tokenizer, template)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _no_tokenizer_added_specials(out_dir)
+    _state_bos_policy(out_dir, add_bos)
     return eot_id
 
 
-def _no_tokenizer_added_specials(out_dir: Path) -> None:
-    """The template writes BOS (or none); the GGUF must not tell llama.cpp to add another.
+def _state_bos_policy(out_dir: Path, add_bos: bool) -> None:
+    """Tell llama.cpp's converter the BOS policy in one place, never an EOS.
 
-    The converter sets tokenizer.ggml.add_bos_token from tokenizer.json's post-processor (Llama 3's
-    HF tokenizer prepends <|begin_of_text|>) or tokenizer_config.json. Training tokenized the
-    rendered text without added specials; the GGUF says the same.
+    The converter takes tokenizer.ggml.add_bos_token from tokenizer.json's post-processor when it
+    has one (it wins over tokenizer_config.json), else from tokenizer_config.json: drop the former,
+    write the latter.
     """
     tokenizer_json, config_json = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
     if tokenizer_json.is_file():
@@ -45,7 +62,7 @@ def _no_tokenizer_added_specials(out_dir: Path) -> None:
             data["post_processor"] = None
             tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     config = json.loads(config_json.read_text(encoding="utf-8")) if config_json.is_file() else {}
-    config.update(add_bos_token=False, add_eos_token=False)
+    config.update(add_bos_token=add_bos, add_eos_token=False)
     config_json.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
@@ -65,4 +82,5 @@ def gguf_metadata(path: Path) -> dict:
     return {"chat_template": field("tokenizer.chat_template"),
             "eos_token_id": field("tokenizer.ggml.eos_token_id"),
             "bos_token_id": field("tokenizer.ggml.bos_token_id"),
-            "eot_token_id": field("tokenizer.ggml.eot_token_id")}
+            "eot_token_id": field("tokenizer.ggml.eot_token_id"),
+            "add_bos_token": field("tokenizer.ggml.add_bos_token")}

@@ -4,7 +4,8 @@ Ollama's TEMPLATE is a Go template, not Jinja. For templates that wrap each mess
 (`prefix(role) + content + suffix(role)`, as ChatML, Llama 3, Phi-3, Zephyr and Alpaca do, also
 with a default system prompt when there is none, as SmolLM2's own template does), the
 pieces are read off the Jinja template by rendering sentinel messages, and the decomposition is
-verified: reassembling the pieces must give the Jinja rendering of real conversations exactly.
+verified by token ids (templates/runtimes.py): reassembled, without the BOS when the GGUF adds it
+(Ollama does, as the GGUF's add_bos_token says), real conversations give training's ids exactly.
 Templates that merge turns (Mistral and Gemma fold the system prompt into the first user turn)
 get no TEMPLATE line; the Modelfile says so instead of shipping a template that differs.
 """
@@ -56,44 +57,53 @@ def message_pieces(template: ChatTemplate) -> Optional[Pieces]:
     return Pieces(head, wraps, generation, default)
 
 
-def reassemble(pieces: Pieces, messages: List[Message], add_generation_prompt: bool) -> str:
-    """What the Go template below renders, in Python, to verify it against the Jinja template."""
+def reassemble(pieces: Pieces, messages: List[Message], add_generation_prompt: bool, drop_head: bool = False) -> str:
+    """What the Go template below renders, in Python, to verify it against the Jinja template
+    (by token ids: templates/runtimes.py). drop_head: the GGUF adds the BOS, so the template must not."""
     if pieces.default_system and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": pieces.default_system}] + messages
     body = "".join(pieces.wraps[m["role"]][0] + m["content"] + pieces.wraps[m["role"]][1] for m in messages)
-    return pieces.head + body + (pieces.generation if add_generation_prompt else "")
+    return ("" if drop_head else pieces.head) + body + (pieces.generation if add_generation_prompt else "")
 
 
-def go_template(pieces: Pieces) -> str:
+def go_template(pieces: Pieces, drop_head: bool = False) -> str:
     system_pre, system_suf = pieces.wraps["system"]
     default = (f'{{{{ if and .Messages (ne (index .Messages 0).Role "system") }}}}'
                f"{system_pre}{pieces.default_system}{system_suf}{{{{ end }}}}") if pieces.default_system else ""
     branches = "".join(
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{suf}'
         for i, (role, (pre, suf)) in enumerate(pieces.wraps.items()))
-    return (f"{pieces.head}{default}{{{{ range $i, $_ := .Messages }}}}"
+    return (f"{'' if drop_head else pieces.head}{default}{{{{ range $i, $_ := .Messages }}}}"
             f"{{{{ $last := eq (len (slice $.Messages $i)) 1 }}}}{branches}{{{{ end }}}}"
             f'{{{{ if and $last (ne .Role "assistant") }}}}{pieces.generation}{{{{ end }}}}{{{{ end }}}}')
 
 
-def modelfile_text(gguf: Path, template: ChatTemplate, stops: List[str], samples: List[List[Message]]) -> str:
+def _quoted(text: str) -> str:
+    return '"""' + text + '"""'
+
+
+def modelfile_text(gguf: Path, template: ChatTemplate, stops: List[str], pieces: Optional[Pieces], why: str,
+                   drop_head: bool, system_prompt: Optional[str], settings: dict) -> str:
+    """pieces: the Go template's, verified by token ids (templates/runtimes.py), or None and why not.
+    Sampling is evaluation's (greedy, no repeat penalty: Ollama's defaults are 0.8 and 1.1)."""
     lines = [f"# Ollama Modelfile written by tunelab: `ollama create NAME -f {gguf.stem}.Modelfile`",
              f"FROM ./{gguf.name}"]
-    found = message_pieces(template)
-    exact = found is not None and all(
-        reassemble(found, m, False) == template.render(m)
-        and reassemble(found, m[:-1], True) == template.render(m[:-1], add_generation_prompt=True)
-        for m in samples)
-    if exact and '"""' not in go_template(found):
-        lines.append(f'TEMPLATE """{go_template(found)}"""')
+    go = go_template(pieces, drop_head) if pieces is not None else None
+    if go is not None and '"""' not in go:
+        lines.append(f"TEMPLATE {_quoted(go)}")
     else:
-        lines.append(f"# No TEMPLATE: template={template.name} is not one prefix and suffix per message (it merges "
-                     "turns), so a Go template would differ; use `tunelab serve`.")
+        lines.append(f"# No TEMPLATE: {why or 'the template holds three double quotes'}; use `tunelab serve`.")
+    if system_prompt is not None and '"""' not in system_prompt:
+        lines += ["# Training always had this system prompt: Ollama sends it when a request has none.",
+                  f"SYSTEM {_quoted(system_prompt)}"]
     lines += [f'PARAMETER stop "{stop}"' for stop in dict.fromkeys([template.end_of_turn, *stops])]
+    lines += ["# Evaluation's decoding: greedy, no repetition penalty, its context and answer length.",
+              "PARAMETER temperature 0", "PARAMETER repeat_penalty 1", f"PARAMETER num_ctx {settings['n_ctx']}",
+              f"PARAMETER num_predict {settings['max_tokens']}", "PARAMETER seed 0"]
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf: Path, template: ChatTemplate, stops: List[str], samples: List[List[Message]]) -> Path:
+def write_modelfile(gguf: Path, text: str) -> Path:
     path = gguf.with_suffix(".Modelfile")
-    path.write_text(modelfile_text(gguf, template, stops, samples))
+    path.write_text(text)
     return path

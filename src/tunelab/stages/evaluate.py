@@ -169,6 +169,8 @@ def _summarize(cfg, paths: RunPaths, manifest: dict, results: dict, speeds: dict
     summary = {"metrics": results, "headline": headline, "headline_higher_is_better": higher,
                "ship": manifest["ship"], "eval_rows": eval_rows, "speed": speeds, "verdict": verdict,
                "kl_floor_unchecked": cfg.quantization.max_kl is not None and not cfg.eval.logit_metrics,
+               # how the answers were decoded: what `tunelab serve` and the printed commands set too
+               "decoding": {"engine": "llama-cpp-python", **manifest.get("serve", {}).get("settings", {})},
                "gguf_sha256": {v: {q: manifest[v][q]["sha256"] for q in results[v]} for v in results}}
     _write(paths.generations_jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
     _write(paths.evaluation_summary, json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))

@@ -17,12 +17,14 @@ from tunelab.data.formats import read_prepared
 from tunelab.export.finite import check_adapter, check_base, check_merged
 from tunelab.export.hf_folder import write_hf_folder
 from tunelab.export.llama_cpp import CONVERTER_OUTTYPES, convert, quantize
-from tunelab.export.modelfile import write_modelfile
+from tunelab.export.modelfile import Pieces, modelfile_text, write_modelfile
 from tunelab.models.source import load_model, load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
 from tunelab.records import folder_sha256, remember, sha256_file
 from tunelab.templates.chat import template_from_config
-from tunelab.templates.parity import ParityError, TrainingContract, run_gate, sample_conversations
+from tunelab.serving.command import evaluation_settings, gate_server, serving_notes
+from tunelab.templates.parity import ParityError, TrainingContract, run_gate
+from tunelab.templates.runtimes import default_system_template, trained_system_prompt
 
 
 def _reference_type(types: List[str]) -> str:
@@ -104,6 +106,28 @@ def _verified_base(gguf: Path) -> bool:
     return gguf.is_file() and sidecar.is_file() and sidecar.read_text().strip() == sha256_file(gguf)
 
 
+def _serve_template(paths: RunPaths, template, conversations, cfg) -> dict:
+    """The template file tunelab's servers are given: the trained one, plus the system prompt training
+    always had as the default for requests without one (the web page sends none)."""
+    system_prompt = trained_system_prompt(conversations)
+    source = default_system_template(template.source, system_prompt)
+    path = paths.export_dir / "chat_template.jinja"
+    path.write_text(source, encoding="utf-8")
+    return {"template_file": str(path), "template_sha256": sha256_file(path), "system_prompt": system_prompt,
+            "settings": evaluation_settings(cfg.eval), "template_source": source}
+
+
+def _write_serving_files(gguf: Path, template, runtimes: dict, serve: dict, stops: List[str]) -> Dict[str, str]:
+    """Beside each GGUF: the Ollama Modelfile and the notes with the llama-server commands."""
+    pieces = Pieces(**runtimes["modelfile_pieces"]) if runtimes["modelfile_pieces"] else None
+    text = modelfile_text(gguf, template, stops, pieces, runtimes["modelfile_why"], runtimes["add_bos_token"],
+                          serve["system_prompt"], serve["settings"])
+    notes = gguf.with_suffix(".serve.md")
+    notes.write_text(serving_notes(gguf, Path(serve["template_file"]), serve["settings"], runtimes,
+                                   serve["system_prompt"], stops), encoding="utf-8")
+    return {"modelfile": str(write_modelfile(gguf, text)), "notes": str(notes)}
+
+
 def run(cfg, paths: RunPaths) -> dict:
     from peft import PeftModel
 
@@ -122,18 +146,23 @@ def run(cfg, paths: RunPaths) -> dict:
     if paths.export_dir.exists():
         shutil.rmtree(paths.export_dir)
     eot_id = write_hf_folder(merged, tokenizer, template, paths.merged_dir)
+    serve = _serve_template(paths, template, conversations, cfg)
+    server_for = gate_server(Path(serve["template_file"]), serve["settings"], paths.export_dir)
+    serve["llama_server"] = "checked by the gate" if server_for else "not built: `python -m tunelab.serving.build`"
     out = {q: paths.gguf(q) for q in cfg.quantization.types}
     try:
         gate = gguf_set(paths.merged_dir, out, paths.converter_root,
-                        lambda path: run_gate(path, template, tokenizer, conversations, contract))
+                        lambda path: run_gate(path, template, tokenizer, conversations, contract, server_for,
+                                              serve["system_prompt"], serve["template_source"]))
     except ParityError:
         shutil.rmtree(paths.export_dir)  # nothing of a refused export stays behind
         raise
-
-    samples = sample_conversations(conversations)
-    modelfiles = {q: str(write_modelfile(p, template, list(cfg.template.stop), samples)) for q, p in out.items()}
+    files = {q: _write_serving_files(p, template, gate[q]["runtimes"], serve, list(cfg.template.stop)) for q, p in out.items()}
+    serve.pop("template_source")
     manifest = {"finetuned": _files(out), "end_of_turn": template.end_of_turn, "eot_id": eot_id,
-                "ship": cfg.quantization.ship, "template": template.name, "gate": gate, "modelfiles": modelfiles}
+                "ship": cfg.quantization.ship, "template": template.name, "gate": gate, "serve": serve,
+                "modelfiles": {q: f["modelfile"] for q, f in files.items()},
+                "serving_notes": {q: f["notes"] for q, f in files.items()}}
     if cfg.eval.evaluate_base:
         manifest["base"] = export_base(cfg, paths, base_dir, template, tokenizer,
                                        lambda path: run_gate(path, template, tokenizer, conversations))

@@ -2,8 +2,9 @@
 
 On a sample of real training conversations, with and without a system prompt, for every GGUF:
   1 token parity     transformers' ids of the rendered text == llama.cpp's ids with the GGUF's tokenizer
-  2 one BOS          the ids llama.cpp feeds (adding BOS as the GGUF says) start with exactly the BOS
-                     the template wants, never two
+  2 one BOS          every runtime path (llama-cpp-python and llama-server rendering the template,
+                     tunelab serve's template file, the Modelfile; templates/runtimes.py) feeds
+                     training's ids, so exactly the BOS training had, never two, never none
   3 end of turn      the GGUF's EOS is the token the loss taught as the end of an assistant turn, an
                      end-of-generation token for llama.cpp, and it carried loss in training
   4 served template  llama-cpp-python rendering the GGUF's embedded template == the training template
@@ -148,21 +149,38 @@ def check_token_parity(vocab: GGUFVocab, template: ChatTemplate, tokenizer, samp
     return []
 
 
-def check_bos(vocab: GGUFVocab, template: ChatTemplate, tokenizer, samples) -> List[str]:
+def check_bos(vocab: GGUFVocab, template: ChatTemplate, tokenizer, samples, server=None,
+              system_prompt: Optional[str] = None, served_source: Optional[str] = None) -> List[str]:
+    """Check 2, per runtime path (templates/runtimes.py): each feeds training's ids, so exactly the
+    BOS training had (one where template.bos=template) and not one more."""
+    from tunelab.templates.runtimes import (MODES, first_mismatch, leading_bos, required_paths, served_template_ids,
+                                            trained_ids)
+
     head = f"check 2 ({CHECKS[2]}) failed"
     if tokenizer.bos_token_id is not None and template.bos == "template" and vocab.bos_id != tokenizer.bos_token_id:
         return [f"{head}: the GGUF's BOS id {vocab.bos_id} is not the tokenizer's {tokenizer.bos_token_id}"]
     for messages in samples:
-        for text, what in _texts(template, messages):
-            trained = tokenizer(text, add_special_tokens=False)["input_ids"]
-            served = vocab.tokenize(text, add_bos=vocab.add_bos)
-            leading = next((i for i, t in enumerate(served) if t != vocab.bos_id), len(served))
-            wanted = "exactly one" if template.bos == "template" else "no added"
-            if served != trained or leading > 1 or (template.bos == "template" and leading != 1):
-                return [f"{head} on a {what}: template.bos={template.bos} wants {wanted} BOS; llama.cpp "
-                        f"(add_bos={vocab.add_bos}) feeds {leading} leading BOS\n"
-                        + ids_diff(trained, served, "trained", "served", vocab.text)]
-    return []
+        trained = trained_ids(template, tokenizer)(messages, False)
+        leading = leading_bos(trained, vocab.bos_id)
+        # (a template.bos=none text may start with the BOS id as markup: SmolLM2's BOS is <|im_start|>)
+        if leading > 1 or (template.bos == "template" and leading != 1):
+            wanted = "exactly one" if template.bos == "template" else "at most one"
+            return [f"{head}: template.bos={template.bos} wants {wanted} BOS; the template writes "
+                    f"{leading_bos(trained, vocab.bos_id)} leading BOS, and training would learn them\n"
+                    + ids_diff(trained, trained, "trained", "trained", vocab.text)]
+    paths = required_paths(vocab, server, system_prompt)
+    if served_source is not None:
+        paths["tunelab serve's template file"] = (served_template_ids(vocab, served_source, template), system_prompt,
+                                                  MODES)
+    problems = []
+    for name, (ids, system, modes) in paths.items():
+        found = first_mismatch(ids, trained_ids(template, tokenizer), samples, system, modes)
+        if found:
+            what, expected, got = found
+            problems.append(f"{head} for {name} on a {what}: training had {leading_bos(expected, vocab.bos_id)} "
+                            f"leading BOS, it feeds {leading_bos(got, vocab.bos_id)} (GGUF add_bos_token="
+                            f"{vocab.add_bos})\n" + ids_diff(expected, got, "trained", "served", vocab.text))
+    return problems
 
 
 def check_end_of_turn(vocab: GGUFVocab, template: ChatTemplate, tokenizer,
@@ -206,20 +224,30 @@ def check_served_template(vocab: GGUFVocab, trained: ChatTemplate, exported: Cha
 
 
 def run_gate(gguf: Path, template: ChatTemplate, tokenizer, conversations: List[List[Message]],
-             contract: Optional[TrainingContract] = None) -> dict:
-    """All four checks on one GGUF; raises ParityError listing every failed check."""
+             contract: Optional[TrainingContract] = None, server_for=None, system_prompt: Optional[str] = None,
+             served_source: Optional[str] = None) -> dict:
+    """All four checks on one GGUF; raises ParityError listing every failed check.
+
+    server_for(gguf): a context manager giving a running llama-server for it (None: not built);
+    system_prompt: the default tunelab's servers add; served_source: the template file they serve."""
+    from contextlib import nullcontext
+
+    from tunelab.templates.runtimes import runtime_report
+
     samples = sample_conversations(conversations)
     trained = contract.template() if contract else template
     vocab = GGUFVocab(gguf)
     try:
-        problems = (check_token_parity(vocab, template, tokenizer, samples)
-                    + check_bos(vocab, template, tokenizer, samples)
-                    + check_end_of_turn(vocab, template, tokenizer, contract)
-                    + check_served_template(vocab, trained, template, samples))
+        with (server_for(gguf) if server_for else nullcontext()) as server:
+            problems = (check_token_parity(vocab, template, tokenizer, samples)
+                        + check_bos(vocab, template, tokenizer, samples, server, system_prompt, served_source)
+                        + check_end_of_turn(vocab, template, tokenizer, contract)
+                        + check_served_template(vocab, trained, template, samples))
+        runtimes = runtime_report(vocab, template, tokenizer, samples, system_prompt, server is not None)
     finally:
         vocab.close()
     if problems:
         raise ParityError(gguf, problems)
     return {"checks": [f"{n} {name}" for n, name in CHECKS.items()], "conversations": len(samples),
             "template_sha256": hashlib.sha256(template.source.encode()).hexdigest(),
-            "trained_end_of_turn": contract is not None}
+            "trained_end_of_turn": contract is not None, "runtimes": runtimes}

@@ -1,0 +1,171 @@
+"""What is served is what was trained and evaluated, in llama.cpp's own llama-server as in
+llama-cpp-python: one BOS through every runtime path (Llama 3's tokenizer), the same greedy answers
+as evaluation, and `tunelab serve` with both engines (llama-server is built by `make test`'s setup)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tunelab.data.formats import read_prepared
+from tunelab.export.hf_folder import gguf_metadata
+from tunelab.export.modelfile import message_pieces
+from tunelab.serving.build import built_server
+from tunelab.serving.command import evaluation_settings, gate_server
+from tunelab.serving.server import free_port
+from tunelab.templates.parity import GGUFVocab, sample_conversations
+from tunelab.templates.runtimes import (builtin_ids, llama_cpp_python_ids, llama_server_ids, modelfile_ids,
+                                        trained_ids)
+from conftest import ROOT
+from e2e.test_template_contract import config, gate_untrained
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server_binary():
+    binary = built_server()
+    assert binary is not None, "llama-server is not built: `make test` builds it (python -m tunelab.serving.build)"
+    return binary
+
+
+def test_llama3_gets_exactly_one_bos_through_every_runtime(tmp_path, server_binary):
+    cfg = config(tmp_path / "run", "model=tiny_llama3", "template=llama3")
+    report, gguf, template, tokenizer, conversations = gate_untrained(cfg, tmp_path, keep=True)
+    assert tokenizer("a")["input_ids"][0] == 128000  # the base tokenizer adds BOS, as Llama 3's does
+    assert gguf_metadata(gguf)["add_bos_token"] is True
+    runtimes = report["runtimes"]
+    assert "llama3" in runtimes["builtin_equivalent"] and runtimes["modelfile_template"]
+    samples = sample_conversations(conversations)
+    vocab = GGUFVocab(gguf)
+    (tmp_path / "t.jinja").write_text(template.source)
+    try:
+        with gate_server(tmp_path / "t.jinja", evaluation_settings(cfg.eval), tmp_path)(gguf) as server:
+            paths = {"llama-cpp-python": llama_cpp_python_ids(vocab), "llama-server": llama_server_ids(server),
+                     "built-in llama3": builtin_ids(vocab, "llama3"),
+                     "Modelfile": modelfile_ids(vocab, message_pieces(template))}
+            for messages in samples:
+                expected = trained_ids(template, tokenizer)(messages[:-1], True)
+                assert expected[0] == 128000 and expected[1] != 128000
+                for name, ids in paths.items():
+                    assert ids(messages[:-1], True) == expected, name
+        vocab.add_bos = False  # the GGUF tunelab used to write: the built-in then feeds no BOS at all
+        assert builtin_ids(vocab, "llama3")(samples[0][:-1], True)[0] != 128000
+    finally:
+        vocab.close()
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """The tweets experiment (SmolLM2-135M, one training step), exported to f16 and q8_0, evaluated."""
+    run = tmp_path_factory.mktemp("served") / "run"
+    overrides = ["experiment=tweets", f"paths.run_dir={run}", "quantization.types=[f16,q8_0]",
+                 "quantization.ship=q8_0", "tracking=off"]
+    done = subprocess.run([sys.executable, "-m", "tunelab", *overrides, "training.max_steps=1", "training.batch_size=2",
+                           "eval.evaluate_base=false", "dataset.max_eval_rows=3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, overrides
+
+
+def _serve(overrides, *args):
+    return subprocess.Popen([sys.executable, "-m", "tunelab", "serve", *args, *overrides], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_ready(proc, port, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("the server never became ready")
+
+
+def _chat(port, messages, max_tokens):
+    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        return json.loads(reply.read())["choices"][0]
+
+
+@pytest.mark.parametrize("engine", ["llama-server", "llama-cpp-python"])
+def test_the_served_answers_equal_evaluation(served_run, engine, server_binary):
+    run, overrides = served_run
+    evaluated = [json.loads(line) for line in (run / "evaluate/generations.jsonl").read_text().splitlines()]
+    conversations = read_prepared(run / "prepare/eval.jsonl")
+    for quant in ("f16", "q8_0"):
+        port = free_port()
+        server = _serve(overrides, "--engine", engine, "--quant", quant, "--port", str(port))
+        try:
+            _wait_ready(server, port) if engine == "llama-server" else _wait_models(server, port)
+            rows = [r for r in evaluated if r["quant"] == quant]
+            assert len(rows) == len(conversations) == 3
+            for row, messages in zip(rows, conversations):
+                reply = _chat(port, messages[:-1], 64)
+                assert reply["message"]["content"] == row["answer"], (engine, quant, row["prompt"])
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
+
+
+def _wait_models(proc, port, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("the server never became ready")
+
+
+def test_serve_prints_the_command_it_runs_and_a_killed_serve_leaves_no_server(served_run, server_binary):
+    run, overrides = served_run
+    dry = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--dry-run", "--port", "18099", *overrides],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    line = dry.stdout.strip().splitlines()[-1]
+    assert line.startswith(str(server_binary)) and "model.q8_0.gguf" in line
+    for flags in ("--host 127.0.0.1", "-fa off", "--jinja --chat-template-file", "--temp 0.0", "--repeat-penalty 1.0"):
+        assert flags in line, flags
+    assert "requests without one get it" in dry.stderr  # tweets always trained with a system prompt
+    port = free_port()
+    serve = _serve(overrides, "--port", str(port))
+    _wait_ready(serve, port)
+    children = subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 1
+    os.kill(serve.pid, signal.SIGKILL)  # however tunelab ends, its llama-server ends with it
+    serve.wait()
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{children[0]}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{children[0]}")
+
+
+def test_serve_refuses_a_port_in_use_and_an_unknown_engine(served_run):
+    import socket
+
+    run, overrides = served_run
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--port", str(port), *overrides],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--engine", "ollama", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "invalid choice: 'ollama'" in done.stderr and "llama-server" in done.stderr
