@@ -10,12 +10,12 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test test-fast setup clean
+.PHONY: run test test-fast setup server clean
 
 run: setup
 	$(BIN)/tunelab experiment=tweets
 
-test: setup
+test: setup server
 	$(BIN)/python -m pytest -m "not gpu" tests
 
 test-fast: setup
@@ -33,6 +33,12 @@ $(STAMP): pyproject.toml
 $(CONVERTER): $(STAMP)
 	$(BIN)/python -c "from pathlib import Path; from tunelab.export.llama_cpp import ensure_converter; print(ensure_converter(Path('.cache/tunelab/llama.cpp')))"
 	touch $@
+
+# llama.cpp's llama-server (the serving tests use it; `tunelab serve` builds it on first use too): built
+# once per llama-cpp-python version and build flags into ~/.cache/tunelab, outside the clone (~12-30 min
+# on 2 cores the first time), then only its sha256 is checked.
+server: setup
+	$(BIN)/python -m tunelab.serving.build
 
 clean:
 	rm -rf runs mlflow.db mlartifacts outputs multirun
