@@ -39,7 +39,10 @@ def test_llama3_gets_exactly_one_bos_through_every_runtime(tmp_path, server_bina
     cfg = config(tmp_path / "run", "model=tiny_llama3", "template=llama3")
     report, gguf, template, tokenizer, conversations = gate_untrained(cfg, tmp_path, keep=True)
     assert tokenizer("a")["input_ids"][0] == 128000  # the base tokenizer adds BOS, as Llama 3's does
-    assert gguf_metadata(gguf)["add_bos_token"] is True
+    metadata = gguf_metadata(gguf)
+    assert metadata["add_bos_token"] is True
+    # llama.cpp applies these where a command line sets none: evaluation's greedy decoding
+    assert (metadata["sampling_temp"], metadata["sampling_penalty_repeat"]) == (0.0, 1.0)
     runtimes = report["runtimes"]
     assert "llama3" in runtimes["builtin_equivalent"] and runtimes["modelfile_template"]
     samples = sample_conversations(conversations)
@@ -169,3 +172,14 @@ def test_serve_refuses_a_port_in_use_and_an_unknown_engine(served_run):
     done = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--engine", "ollama", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "invalid choice: 'ollama'" in done.stderr and "llama-server" in done.stderr
+
+
+def test_serve_says_what_a_missing_compiler_stops_and_starts_nothing(served_run, tmp_path):
+    run, overrides = served_run
+    env = {**os.environ, "PATH": str(tmp_path / "no-tools"), "TUNELAB_BUILD_CACHE": str(tmp_path / "empty-cache")}
+    done = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--port", str(free_port()), *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2
+    assert "building llama-server needs cmake and a C++ compiler and make, not found on PATH" in done.stderr
+    assert "--engine llama-cpp-python" in done.stderr
+    assert not list((tmp_path / "empty-cache").rglob("llama-server*"))

@@ -150,6 +150,15 @@ def _web_page() -> Optional[Path]:
     return built_webui()
 
 
+def _say_builtins(manifest_path: Path, quant: str) -> None:
+    """Which of llama.cpp's own templates would serve this GGUF as trained (tested at export)."""
+    runtimes = json.loads(manifest_path.read_text())["gate"][quant].get("runtimes", {})
+    if "builtin_equivalent" in runtimes:
+        names = ", ".join(runtimes["builtin_equivalent"]) or "none"
+        print(f"tunelab serve: llama.cpp built-in templates equivalent to training (by token ids): {names}; "
+              f"commands for other runtimes: {manifest_path.parent}/model.{quant}.serve.md", file=sys.stderr, flush=True)
+
+
 def _say_system_prompt(serve: dict) -> None:
     if serve.get("system_prompt") is not None:
         print(f"tunelab serve: training always had a system prompt; requests without one get it: "
@@ -178,6 +187,7 @@ def _serve(args) -> int:
     except ServerError as err:
         raise Refused(f"{err}") from None
     _say_system_prompt(serve)
+    _say_builtins(paths.export_manifest, args.quant or cfg.quantization.ship)
     if args.engine == "llama-server":
         return _llama_server(gguf, serve, args.port, args.dry_run)
     import uvicorn

@@ -83,4 +83,6 @@ def gguf_metadata(path: Path) -> dict:
             "eos_token_id": field("tokenizer.ggml.eos_token_id"),
             "bos_token_id": field("tokenizer.ggml.bos_token_id"),
             "eot_token_id": field("tokenizer.ggml.eot_token_id"),
-            "add_bos_token": field("tokenizer.ggml.add_bos_token")}
+            "add_bos_token": field("tokenizer.ggml.add_bos_token"),
+            "sampling_temp": field("general.sampling.temp"),
+            "sampling_penalty_repeat": field("general.sampling.penalty_repeat")}

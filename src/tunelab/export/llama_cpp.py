@@ -6,6 +6,7 @@ llama-cpp-python source archive on PyPI, at vendor/llama.cpp/. It is fetched onc
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -28,6 +29,10 @@ QUANT_FTYPES = {
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
 CONVERTER_OUTTYPES = ("f32", "f16", "bf16")
+# Sampling defaults written into every GGUF (llama.cpp applies general.sampling.* where a command line
+# sets nothing): evaluation's greedy decoding without penalty, what was tested. Without this the
+# converter copies the base model's generation_config.json (Llama 3 Instruct: temperature 0.6, top_p 0.9).
+EVALUATION_SAMPLING = {"general.sampling.temp": 0.0, "general.sampling.penalty_repeat": 1.0}
 
 
 class ExportError(RuntimeError):
@@ -90,7 +95,10 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, cache_root: Path) -> Pat
     (tunelab.procs); atomic on success: only model.<type>.partial is ever half-written."""
     script = ensure_converter(cache_root)
     tmp = out_path.with_suffix(".partial")
-    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+    override = out_path.with_suffix(".metadata.json")
+    override.write_text(json.dumps(EVALUATION_SAMPLING))
+    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype,
+           "--metadata", str(override)]
     env = {**os.environ, "PYTHONPATH": str(script.parent)}
     env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py that ships with this converter
     try:
@@ -98,6 +106,8 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, cache_root: Path) -> Pat
     except BaseException:
         tmp.unlink(missing_ok=True)  # the converter is dead (run_child killed it): its half file goes
         raise
+    finally:
+        override.unlink(missing_ok=True)
     if code != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp's converter failed on {hf_dir} (exit {code}):\n{stderr[-3000:]}")
