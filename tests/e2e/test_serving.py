@@ -77,6 +77,39 @@ def served_run(tmp_path_factory):
     return run, overrides
 
 
+@pytest.fixture(scope="module")
+def tiny_llama3_run(tmp_path_factory):
+    """The smoke experiment on the tiny Llama with Llama 3's tokenizer and template (its BOS added by
+    llama-server, written by the template for llama-cpp-python): random weights answer at length."""
+    run = tmp_path_factory.mktemp("tiny3") / "run"
+    overrides = ["experiment=smoke", "model=tiny_llama3", "template=llama3", f"paths.run_dir={run}", "tracking=off"]
+    done = subprocess.run([sys.executable, "-m", "tunelab", *overrides, "eval.max_new_tokens=32",
+                           "eval.evaluate_base=false"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, overrides
+
+
+def test_llama_server_answers_a_tiny_llama3_as_evaluation_did(tiny_llama3_run, server_binary):
+    run, overrides = tiny_llama3_run
+    manifest = json.loads((run / "export/manifest.json").read_text())
+    assert manifest["gate"]["f16"]["runtimes"]["llama_server_checked"]
+    evaluated = [json.loads(line) for line in (run / "evaluate/generations.jsonl").read_text().splitlines()]
+    conversations = read_prepared(run / "prepare/eval.jsonl")
+    for quant in manifest["finetuned"]:
+        port = free_port()
+        server = _serve(overrides, "--quant", quant, "--port", str(port))
+        try:
+            _wait_ready(server, port)
+            rows = [r for r in evaluated if r["quant"] == quant]
+            assert len(rows) == len(conversations) == 4 and any(r["completion_tokens"] > 8 for r in rows)
+            for row, messages in zip(rows, conversations):
+                reply = _chat(port, messages[:-1], 32)
+                assert reply["message"]["content"] == row["answer"], (quant, row["prompt"])
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
+
+
 def _serve(overrides, *args):
     return subprocess.Popen([sys.executable, "-m", "tunelab", "serve", *args, *overrides], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
