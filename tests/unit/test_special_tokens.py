@@ -138,6 +138,18 @@ def test_added_tokens_are_flagged_and_escaped_but_not_plain_words():
     assert tokenizer.decode([i for i in labels(encoded) if i != -100]) == f"CALL <tool_call>NOW{EOT}"
 
 
+def test_a_token_that_takes_the_whitespace_around_it_is_escaped_too():
+    from tokenizers import AddedToken
+
+    tokenizer = copy.deepcopy(tiny_tokenizer())
+    tokenizer.add_tokens([AddedToken("<tool>", lstrip=True, rstrip=True, special=True, normalized=False)])
+    tool_id = tokenizer.convert_tokens_to_ids("<tool>")
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<tool> x <tool>"}]
+    encoded = tokenize_conversation(meter().template, tokenizer, messages, special_text="escape")
+    assert tool_id not in encoded["input_ids"]
+    assert tokenizer.decode([i for i in labels(encoded) if i != -100]) == f"<tool> x <tool>{EOT}"
+
+
 def test_a_template_that_changes_the_content_cannot_be_escaped_and_says_so():
     tokenizer = tiny_tokenizer()
     shouting = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | upper }}<|im_end|>\n{% endfor %}"

@@ -9,6 +9,7 @@ pieces, `<`, `|`, `im`, ...; the template's own markup stays special).
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,12 +22,15 @@ PLAIN_WORD = re.compile(r"^\s*\w+\s*$")
 REMEDY = "remove it or set dataset.special_tokens_in_text=escape to train it as plain text"
 
 Span = Tuple[int, int]
+# control_tokens per tokenizer, with the tokenizer's size: adding tokens to it makes a new entry.
+_CONTROLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class Control:
     text: str
     special: bool  # special tokens are split by split_special_tokens; other added tokens are not
+    normalized: bool  # matched in the normalized text (else in the raw text, as chat markup is)
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,17 @@ class Finding:
 
 def control_tokens(tokenizer) -> Dict[int, Control]:
     """id -> token for every special or added token the tokenizer matches in text, plain words left out."""
+    size = len(tokenizer)
+    cached = _CONTROLS.get(tokenizer)
+    if cached is not None and cached[0] == size:
+        return cached[1]
     special = set(tokenizer.all_special_tokens)
     controls = {}
     for token_id, token in tokenizer.added_tokens_decoder.items():
         is_special = token.special or token.content in special
         if is_special or not PLAIN_WORD.match(token.content):
-            controls[token_id] = Control(token.content, is_special)
+            controls[token_id] = Control(token.content, is_special, bool(token.normalized))
+    _CONTROLS[tokenizer] = (size, controls)
     return controls
 
 
@@ -63,15 +72,19 @@ def _spelled(controls: Dict[int, Control], token_id: int, text: str, span: Span)
 
 
 def find_special_text(tokenizer, messages: Sequence[dict]) -> List[Finding]:
-    """Every control token that a message's content turns into, in order. Each content is
-    tokenized on its own, as the tokenizer reads it: no substring guess."""
+    """Every control token that a message's content turns into, in order. The contents are
+    tokenized as the tokenizer reads them, each on its own: no substring guess."""
     controls = control_tokens(tokenizer)
+    contents = [m["content"] for m in messages]
+    # Looking costs less than tokenizing: a token matched in the raw text can only be there if its
+    # text is (chat markup is never normalized; a normalized one could hide behind case folding).
+    if not any(c.normalized or c.text in content for c in controls.values() for content in contents):
+        return []
+    encoded = tokenizer(contents, add_special_tokens=False, return_offsets_mapping=True)
     findings = []
-    for index, message in enumerate(messages):
-        content = message["content"]
-        encoded = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
-        for token_id, span in zip(encoded["input_ids"], encoded["offset_mapping"]):
-            if _spelled(controls, token_id, content, span) is not None:
+    for index, (message, ids, spans) in enumerate(zip(messages, encoded["input_ids"], encoded["offset_mapping"])):
+        for token_id, span in zip(ids, spans):
+            if _spelled(controls, token_id, message["content"], span) is not None:
                 findings.append(Finding(index, message["role"], token_id, controls[token_id]))
     return findings
 
