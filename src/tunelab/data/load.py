@@ -90,7 +90,8 @@ def _check_special_text(loaded: LoadedDataset, meter: LengthMeter) -> None:
             if findings and meter.special_text == "escape":
                 loaded.escaped.append(conv.source)
             elif findings:
-                loaded.problems.append(Problem(conv.source, "special token in text", describe(findings), raw=conv.raw))
+                loaded.problems.append(Problem(conv.source, "special token in text", f"- {describe(findings)}",
+                                              raw=conv.raw))
                 continue
             kept.append(conv)
         return kept

@@ -210,7 +210,7 @@ def tokenize_conversation(template: ChatTemplate, tokenizer, messages: List[Mess
     text, spans = template.assistant_spans(messages)
     findings = find_special_text(tokenizer, messages)
     if findings and special_text == "error":
-        raise TemplateError(describe(findings)[2:])
+        raise TemplateError(describe(findings))
     if findings:
         flagged = sorted({f.message for f in findings})
         ids, offsets = plain_encoding(tokenizer, text, template.content_spans(messages, flagged))

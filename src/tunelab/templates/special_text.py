@@ -94,7 +94,7 @@ def describe(findings: List[Finding]) -> str:
     more = findings[1:]
     rest = (f" (and {len(more)} more: {', '.join(sorted({repr(f.control.text) for f in more}))})"
             if more else "")
-    return f"- {findings[0]}{rest}; {REMEDY}"
+    return f"{findings[0]}{rest}; {REMEDY}"
 
 
 def plain_encoding(tokenizer, text: str, escape: List[Span]) -> Tuple[List[int], List[Span]]:
