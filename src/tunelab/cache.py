@@ -28,9 +28,10 @@ from tunelab.records import StageRecord, file_entries, remember, sha256_file
 
 # The config each stage reads. Changing only `quantization` re-runs export and evaluate. prepare
 # measures token lengths with the model's tokenizer and the chat template, against max_seq_length.
+# train tokenizes special-token text in messages as dataset.special_tokens_in_text says.
 SECTIONS: Dict[str, List[str]] = {
     "prepare": ["dataset", "model", "template", "training.max_seq_length"],
-    "train": ["model", "lora", "template", "training"],
+    "train": ["model", "lora", "template", "training", "dataset.special_tokens_in_text"],
     "export": ["model", "template", "quantization", "eval.evaluate_base", "eval.n_ctx", "eval.max_new_tokens"],
     "evaluate": ["model", "template", "quantization", "eval"],
 }

@@ -123,8 +123,8 @@ def test_a_masked_stop_token_fails_export(tmp_path, monkeypatch):
     """The classic bug: the end-of-turn token's label masked out, so the model never learns to stop."""
     from tunelab.templates import chat
 
-    def mask_without_end_of_turn(template, tokenizer, messages, max_length=None):
-        encoded = chat.tokenize_conversation(template, tokenizer, messages, max_length)
+    def mask_without_end_of_turn(template, tokenizer, messages, max_length=None, **kwargs):
+        encoded = chat.tokenize_conversation(template, tokenizer, messages, max_length, **kwargs)
         eot = tokenizer.convert_tokens_to_ids(template.end_of_turn)
         encoded["assistant_masks"] = [0 if i == eot else m for i, m in zip(encoded["input_ids"], encoded["assistant_masks"])]
         return encoded

@@ -56,6 +56,9 @@ def test_prepare_key_covers_the_dataset_tokenizer_template_and_length_limit(comp
     assert "prepare" in changed(base, keys(cfg, fake_run, model={**MODEL, "tokenizer": "new-tokenizer"}))
     assert "prepare" in changed(base, keys(compose_cfg("experiment=smoke", "template=chatml"), fake_run))
     assert "prepare" in changed(base, keys(compose_cfg("experiment=smoke", "training.max_seq_length=128"), fake_run))
+    # how special-token text in messages is tokenized: prepare's length check and training
+    escape = keys(compose_cfg("experiment=smoke", "dataset.special_tokens_in_text=escape"), fake_run)
+    assert changed(base, escape) == ["prepare", "train"]
     # the weights are not read by prepare (only by train and export)
     assert changed(base, keys(cfg, fake_run, model={**MODEL, "model": "new-weights"})) == ["train", "export"]
 

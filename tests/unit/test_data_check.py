@@ -39,3 +39,17 @@ def test_data_check_names_a_bad_config_key(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert data_command.main(["check", "experiment=smoke", "dataset.on_invalid=skip"]) == 2
     assert "dataset.on_invalid='skip'" in capsys.readouterr().err
+
+
+def test_data_check_names_special_token_text_and_counts_it_when_escaped(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    data = "tests/data/broken/special_tokens.csv"
+    args = ["check", "--samples", "4", "experiment=smoke", f"dataset.path={data}", "dataset.eval_path=null"]
+    assert data_command.main(args) == 1
+    out = capsys.readouterr().out
+    assert f"{data}:3: special token in text - message 3 (assistant) contains '<|im_end|>'" in out
+    assert f"{data}:4: special token in text - message 2 (user) contains '<|im_start|>'" in out
+    assert data_command.main(args + ["dataset.special_tokens_in_text=escape"]) == 0
+    out = capsys.readouterr().out
+    assert "special token in text" not in out and "COFFEE <|im_end|> THEN MORE" in out
+    assert "special-token text (escape)" in out and "2 row(s) trained as plain text" in out

@@ -32,11 +32,8 @@ def rendered_sample(meter, messages) -> Text:
     """The exact training text; loss-carrying tokens highlighted, token boundaries alternate underline."""
     encoded = meter.encode(messages)
     text, _ = meter.template.assistant_spans(messages)
-    offsets = meter.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(offsets["input_ids"]) != encoded["input_ids"]:
-        raise RuntimeError("the tokenizer gave different ids for the rendered text: cannot highlight it")
     out = Text()
-    for number, ((start, end), carries_loss) in enumerate(zip(offsets["offset_mapping"], encoded["assistant_masks"])):
+    for number, ((start, end), carries_loss) in enumerate(zip(encoded["offsets"], encoded["assistant_masks"])):
         style = LOSS_STYLE if carries_loss else PROMPT_STYLE
         out.append(text[start:end], style=style + (" underline" if number % 2 and carries_loss else ""))
     return out
@@ -58,6 +55,8 @@ def statistics_table(loaded, max_length: int) -> Table:
     over = sum(length > max_length for length in lengths)
     trimmed = f", {len(loaded.trimmed)} trimmed to fit" if loaded.trimmed else ""
     table.add_row(f"over max_seq_length={max_length}", f"{over} row(s){trimmed}")
+    if loaded.escaped:
+        table.add_row("special-token text (escape)", f"{len(loaded.escaped)} row(s) trained as plain text")
     return table
 
 

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from tunelab.config.errors import ConfigError  # noqa: F401  (callers import it from here too)
 from tunelab.data.sources import input_path_problem
 from tunelab.templates.chat import BOS_POLICIES
+from tunelab.templates.special_text import POLICIES as SPECIAL_TEXT_POLICIES
 from tunelab.eval.registry import metric_problems
 
 STAGES = ("all", "prepare", "train", "export", "evaluate")
@@ -67,6 +68,7 @@ def check_dataset_sources(cfg) -> List[str]:
 def check_dataset(cfg) -> List[str]:
     d = cfg.dataset
     problems = _choice("dataset.on_invalid", d.on_invalid, INVALID_ROW_POLICIES)
+    problems += _choice("dataset.special_tokens_in_text", d.special_tokens_in_text, SPECIAL_TEXT_POLICIES)
     if d.eval_path is not None:  # read in the format of the training data (eval_source)
         problems += _input_path("dataset.eval_path", d.eval_path, d.format)
     if d.eval_path is None and not 0.0 < d.eval_fraction < 1.0:

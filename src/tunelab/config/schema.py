@@ -54,6 +54,11 @@ class DatasetConfig(SourceConfig):
     # fail: any invalid row fails prepare and nothing is written. quarantine: invalid rows are
     # dropped, each written with its reason to prepare/quarantine.jsonl, and the counts logged.
     on_invalid: str = "fail"
+    # Message text the model's tokenizer reads as a special or added token (an `<|im_end|>` typed
+    # into an answer would teach the model to stop there). error: the row is invalid (prepare fails
+    # naming file:line; on_invalid=quarantine drops it). escape: the row is kept and that text is
+    # trained as plain text, split into ordinary tokens; the template's own markup stays special.
+    special_tokens_in_text: str = "error"
     # A multi-turn row over training.max_seq_length may drop its oldest exchanges (never the
     # system prompt, never the final exchange) until it fits. Off: over-long is a problem.
     trim_history: bool = False

@@ -53,7 +53,7 @@ class Problem:
 REASONS = ("malformed JSON", "not UTF-8", "not an object", "missing field", "unsupported content",
            "unknown role", "empty content", "no assistant turn", "wrong role order", "missing CSV column",
            "malformed CSV", "no rows", "duplicate", "over-long", "template error", "leakage between splits",
-           "hash mismatch")
+           "hash mismatch", "special token in text")
 
 
 class DataError(ValueError):

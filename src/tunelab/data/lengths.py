@@ -10,11 +10,13 @@ from typing import Dict, List, Optional, Tuple
 
 from tunelab.data.formats import Conversation, Message, Problem
 from tunelab.templates.chat import TemplateError, template_from_config, template_tokenizer, tokenize_conversation
+from tunelab.templates.special_text import Finding, find_special_text
 
 
 class LengthMeter:
-    def __init__(self, template, tokenizer, max_length: int):
+    def __init__(self, template, tokenizer, max_length: int, special_text: str = "error"):
         self.template, self.tokenizer, self.max_length = template, tokenizer, max_length
+        self.special_text = special_text  # dataset.special_tokens_in_text: training reads the same key
 
     @classmethod
     def from_config(cls, cfg, paths) -> "LengthMeter":
@@ -22,11 +24,16 @@ class LengthMeter:
 
         base_dir = resolve_model(cfg.model, paths)
         tokenizer, _ = template_tokenizer(cfg.template, lambda: load_tokenizer(base_dir, cfg.model.trust_remote_code))
-        return cls(template_from_config(cfg.template, tokenizer), tokenizer, cfg.training.max_seq_length)
+        return cls(template_from_config(cfg.template, tokenizer), tokenizer, cfg.training.max_seq_length,
+                   cfg.dataset.special_tokens_in_text)
 
-    def encode(self, messages: List[Message]) -> Dict[str, List[int]]:
-        """input_ids and assistant_masks exactly as training builds them (no limit applied)."""
-        return tokenize_conversation(self.template, self.tokenizer, messages)
+    def encode(self, messages: List[Message]) -> Dict[str, list]:
+        """input_ids, assistant_masks and offsets exactly as training builds them (no limit applied)."""
+        return tokenize_conversation(self.template, self.tokenizer, messages, special_text=self.special_text)
+
+    def special_text_in(self, messages: List[Message]) -> List[Finding]:
+        """The message text this tokenizer would read as a special or added token."""
+        return find_special_text(self.tokenizer, messages)
 
     def fit(self, conv: Conversation, trim_history: bool
             ) -> Tuple[Optional[Conversation], Optional[Problem], int, int]:

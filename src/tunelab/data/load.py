@@ -16,6 +16,7 @@ from tunelab.data.quarantine import trimmed_record
 from tunelab.data.readers import SourceData, read_source
 from tunelab.data.sources import eval_source, training_sources
 from tunelab.data.validate import find_duplicates, find_leakage
+from tunelab.templates.special_text import describe
 
 
 @dataclass
@@ -28,6 +29,7 @@ class LoadedDataset:
     problems: List[Problem] = field(default_factory=list)
     trimmed: List[dict] = field(default_factory=list)
     token_lengths: Dict[str, int] = field(default_factory=dict)  # by conversation source
+    escaped: List[str] = field(default_factory=list)  # rows whose special-token text trains as plain text
 
     @property
     def rows_in(self) -> int:
@@ -63,6 +65,7 @@ def load_dataset(dataset_cfg, meter: Optional[LengthMeter]) -> LoadedDataset:
         flagged += find_duplicates(loaded.evals) + find_leakage(loaded.train, loaded.evals)
     _drop(loaded, flagged)
     if meter is not None:
+        _check_special_text(loaded, meter)
         _fit_lengths(loaded, meter, bool(getattr(dataset_cfg, "trim_history", False)))
     loaded.problems = sorted(problems + [p for _, p in flagged] + loaded.problems, key=_where_order)
     return loaded
@@ -75,6 +78,27 @@ def _drop(loaded: LoadedDataset, flagged) -> None:
     loaded.train = [c for c in loaded.train if id(c) not in bad]
     if loaded.evals is not None:
         loaded.evals = [c for c in loaded.evals if id(c) not in bad]
+
+
+def _check_special_text(loaded: LoadedDataset, meter: LengthMeter) -> None:
+    """Text the tokenizer would read as a control token: a row problem (quarantine drops the row
+    like any other) unless dataset.special_tokens_in_text=escape, which keeps and counts it."""
+    def check(conversations: List[Conversation]) -> List[Conversation]:
+        kept = []
+        for conv in conversations:
+            findings = meter.special_text_in(conv.messages)
+            if findings and meter.special_text == "escape":
+                loaded.escaped.append(conv.source)
+            elif findings:
+                loaded.problems.append(Problem(conv.source, "special token in text", f"- {describe(findings)}",
+                                              raw=conv.raw))
+                continue
+            kept.append(conv)
+        return kept
+
+    loaded.train = check(loaded.train)
+    if loaded.evals is not None:
+        loaded.evals = check(loaded.evals)
 
 
 def _fit_lengths(loaded: LoadedDataset, meter: LengthMeter, trim_history: bool) -> None:

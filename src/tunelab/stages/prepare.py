@@ -2,7 +2,9 @@
 
 Strict by default: any problem fails the stage and nothing is written. With
 dataset.on_invalid=quarantine the invalid rows are dropped into prepare/quarantine.jsonl, each
-with its reasons. The manifest records the dataset's content hash and how many rows went in and out.
+with its reasons. Text the tokenizer would read as a special token is such a problem unless
+dataset.special_tokens_in_text=escape, which keeps the row, trains that text as plain text and
+counts it. The manifest records the dataset's content hash and how many rows went in and out.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) 
     counts = {"rows_repeated": len(train) - distinct_train, "eval_rows_not_used": available_eval - len(evals)}
     manifest = _manifest(dataset_cfg, loaded, pool, train, evals, counts, records, meter)
     _write_atomically(paths.prepare_dir, train, evals, manifest, records, paths.state_dir / "tmp")
+    if loaded.escaped:
+        log.warning("prepare: %d row(s) hold special-token text, trained as plain text "
+                    "(dataset.special_tokens_in_text=escape), e.g. %s", len(loaded.escaped), loaded.escaped[0])
     if records:
         log.warning("prepare: %d row(s) dropped, %d trimmed: see %s", manifest["rows_quarantined"],
                     manifest["rows_trimmed"], paths.prepare_dir / "quarantine.jsonl")
@@ -85,6 +90,8 @@ def _manifest(dataset_cfg, loaded: LoadedDataset, pool, train, evals, counts, re
         "eval_rows": len(evals),
         "split_overlap": 0,
         "on_invalid": dataset_cfg.on_invalid,
+        "special_tokens_in_text": meter.special_text if meter else None,  # as the rows were checked
+        "rows_special_text_escaped": len(loaded.escaped),
         "max_seq_length": meter.max_length if meter else None,
         "token_lengths": percentiles(lengths),
     }

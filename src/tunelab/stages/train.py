@@ -34,13 +34,14 @@ class NullReporter:
         pass
 
 
-def build_dataset(conversations, template, tokenizer, max_length: int):
+def build_dataset(conversations, template, tokenizer, max_length: int, special_text: str = "error"):
+    """special_text: dataset.special_tokens_in_text, as prepare's length check used it."""
     from datasets import Dataset
 
     rows, problems = [], []
     for number, messages in enumerate(conversations, start=1):
         try:
-            encoded = tokenize_conversation(template, tokenizer, messages, max_length)
+            encoded = tokenize_conversation(template, tokenizer, messages, max_length, special_text=special_text)
         except TemplateError as err:
             problems.append(f"prepared row {number}: {err}")
             continue
@@ -132,7 +133,8 @@ def run(cfg, paths: RunPaths, reporter=None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = template.end_of_turn  # padding carries no loss: labels are -100 there
     conversations = read_prepared(paths.train_jsonl)
-    dataset = build_dataset(conversations, template, tokenizer, cfg.training.max_seq_length)
+    dataset = build_dataset(conversations, template, tokenizer, cfg.training.max_seq_length,
+                            cfg.dataset.special_tokens_in_text)
     contract = training_contract(template, tokenizer, dataset["labels"], conversations, added)
     set_seed(cfg.training.seed)  # LoRA's A matrices are random: seed them, or no two runs match
     model, plan = load_for_training(cfg, base_dir, plan, tokenizer=tokenizer, added_tokens=added)
@@ -154,6 +156,7 @@ def run(cfg, paths: RunPaths, reporter=None) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         **plan.as_dict(),
         "eot_loss_tokens": contract.eot_loss_tokens,
+        "eot_inside_answers": contract.eot_inside_answers,
         "added_tokens": added,
         "resumed_from": resumed_from,
     }

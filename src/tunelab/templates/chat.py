@@ -6,10 +6,12 @@ in time and size (templates/sandbox.py); `origin` names where a template came fr
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from tunelab.templates.sandbox import TemplateError, TemplateLimitError, compile_bounded, render_bounded, sandbox
+from tunelab.templates.special_text import POLICIES, describe, find_special_text, plain_encoding
 
 __all__ = ["TemplateError", "TemplateLimitError", "sandbox", "ChatTemplate", "template_from_config"]
 
@@ -17,6 +19,9 @@ Message = Dict[str, str]
 
 
 BOS_POLICIES = ("template", "none")
+# Private-use characters, which no template writes: where a message's content lands in the text.
+CONTENT_MARK = "\ue000tunelab-content-{}\ue001"
+CONTENT_MARK_RE = re.compile("\ue000tunelab-content-(\\d+)\ue001")
 PROBE = [{"role": "system", "content": "tunelab-probe-system"}, {"role": "user", "content": "tunelab-probe-user"},
          {"role": "assistant", "content": "tunelab-probe-answer"}]
 
@@ -59,6 +64,28 @@ class ChatTemplate:
                                     f"turn {i}: the model could never learn to stop")
             spans.append((len(prefix), end + len(self.end_of_turn)))
         return full, spans
+
+    def content_spans(self, messages: List[Message], indices: List[int]) -> List[Tuple[int, int]]:
+        """Where the contents of messages[indices] are in the rendered text. Each content is rendered
+        as a unique mark, then the marks are put back (as is, or trimmed, for templates that `trim`);
+        the result must be the real text, or the template did something to the content and its
+        place is unknown."""
+        skeleton = self.render([dict(m, content=CONTENT_MARK.format(i)) if i in indices else m
+                                for i, m in enumerate(messages)])
+        pieces = CONTENT_MARK_RE.split(skeleton)  # text, message index, text, message index, ..., text
+        full = self.render(messages)
+        for shape in (lambda text: text, str.strip):
+            rebuilt, spans = "", []
+            for k, piece in enumerate(pieces):
+                if k % 2:
+                    piece = shape(messages[int(piece)]["content"])
+                    spans.append((len(rebuilt), len(rebuilt) + len(piece)))
+                rebuilt += piece
+            if rebuilt == full:
+                return spans
+        raise TemplateError(f"{self.origin} changes the content of message(s) "
+                            f"{', '.join(str(i + 1) for i in indices)} as it renders them: the special-token "
+                            "text in them cannot be found to tokenize it as plain text; remove it from the data")
 
 
 def _cfg(template_cfg, key, default=None):
@@ -171,12 +198,26 @@ def infer_end_of_turn(template: ChatTemplate, tokenizer) -> str:
 
 
 def tokenize_conversation(template: ChatTemplate, tokenizer, messages: List[Message],
-                          max_length: Optional[int] = None) -> Dict[str, List[int]]:
-    """input_ids plus assistant_masks (1 where a token starts inside an assistant span)."""
+                          max_length: Optional[int] = None, special_text: str = "error") -> Dict[str, list]:
+    """input_ids plus assistant_masks (1 where a token starts inside an assistant span) and each
+    token's character offsets in the rendered text.
+
+    Message text the tokenizer would read as a special or added token is refused (special_text
+    "error", dataset.special_tokens_in_text) or tokenized as plain text ("escape"); the template's
+    own markup is always special (templates/special_text.py)."""
+    if special_text not in POLICIES:
+        raise ValueError(f"special_text={special_text!r} is not one of {', '.join(POLICIES)}")
     text, spans = template.assistant_spans(messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(start <= s < end for start, end in spans)) for s, _ in encoded["offset_mapping"]]
-    ids = list(encoded["input_ids"])
+    findings = find_special_text(tokenizer, messages)
+    if findings and special_text == "error":
+        raise TemplateError(describe(findings))
+    if findings:
+        flagged = sorted({f.message for f in findings})
+        ids, offsets = plain_encoding(tokenizer, text, template.content_spans(messages, flagged))
+    else:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    mask = [int(any(start <= s < end for start, end in spans)) for s, _ in offsets]
     if max_length is not None and len(ids) > max_length:
         raise TemplateError(f"{len(ids)} tokens exceed training.max_seq_length={max_length}")
-    return {"input_ids": ids, "assistant_masks": mask}
+    return {"input_ids": ids, "assistant_masks": mask, "offsets": offsets}

@@ -45,6 +45,9 @@ class TrainingContract:
     eot_loss_tokens: int  # label positions equal to eot_id: the end of turn carried loss this often
     assistant_turns: int
     added_tokens: Dict[str, int] = field(default_factory=dict)
+    # Label positions equal to eot_id that do not end an assistant turn: the model was taught to stop
+    # inside an answer (special-token text trained as the control token). None: an older contract.
+    eot_inside_answers: Optional[int] = None
 
     @classmethod
     def read(cls, path: Path) -> Optional["TrainingContract"]:
@@ -61,10 +64,15 @@ class TrainingContract:
 def training_contract(template: ChatTemplate, tokenizer, labels: List[List[int]], conversations,
                       added_tokens: Dict[str, int]) -> TrainingContract:
     eot_id = tokenizer.convert_tokens_to_ids(template.end_of_turn)
+    # Each assistant turn is one run of trained labels (its content, then its end of turn), so the
+    # end of turn may only be the last label of a run; anywhere else it teaches stopping mid-answer.
+    inside = sum(token == eot_id and k + 1 < len(row) and row[k + 1] != -100
+                 for row in labels for k, token in enumerate(row))
     return TrainingContract(
         template_source=template.source, end_of_turn=template.end_of_turn, eot_id=eot_id, bos=template.bos,
         bos_token=template.bos_token, eot_loss_tokens=sum(row.count(eot_id) for row in labels),
-        assistant_turns=sum(m["role"] == "assistant" for c in conversations for m in c), added_tokens=added_tokens)
+        assistant_turns=sum(m["role"] == "assistant" for c in conversations for m in c), added_tokens=added_tokens,
+        eot_inside_answers=inside)
 
 
 def sample_conversations(conversations: List[List[Message]], count: int = 6) -> List[List[Message]]:
@@ -202,6 +210,11 @@ def check_end_of_turn(vocab: GGUFVocab, template: ChatTemplate, tokenizer,
         problems.append(f"{head}: the end-of-turn token {contract.end_of_turn!r} carried loss "
                         f"{contract.eot_loss_tokens} times for {contract.assistant_turns} assistant turns: its label "
                         "was masked, so the model never learned to stop")
+    if contract.eot_inside_answers:
+        problems.append(f"{head}: the end-of-turn token {contract.end_of_turn!r} carried loss "
+                        f"{contract.eot_inside_answers} time(s) inside an assistant answer, not at its end: the "
+                        "model was taught to stop inside an answer. Remove that text from the data or set "
+                        "dataset.special_tokens_in_text=escape, then train again")
     return problems
 
 
