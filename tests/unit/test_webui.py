@@ -106,7 +106,7 @@ def test_ensure_webui_builds_once_into_a_folder_keyed_by_version_and_lock(cache)
     assert www.parent.name.startswith(VERSION + "-") and www.parent.parent.name == "llama-server-ui"
     assert (www / "index.html").is_file() and webui.built_webui(www.parent) == www
     steps = [line.split("]")[0].strip() for line in said if line.strip().startswith("[")]
-    assert steps == ["[1/3", "[2/3", "[3/3"] and "web page built in" in said[-1]
+    assert steps == ["[1/3", "[2/3", "[3/3"] and "web page built in" in said[-2]
     assert not list(www.parent.parent.glob(".work-*"))  # node_modules and the copy are gone
     later = []
     assert webui.ensure_webui(say=later.append) == www and later == []  # cached: nothing built, nothing said

@@ -125,7 +125,7 @@ def ensure_webui(say: Callable[[str], None] = print) -> Path:
 
 def _build(ui: Path, home: Path, version: str, say: Callable[[str], None]) -> Path:
     work, log = home.parent / f".work-{home.name}", home.parent / f"{home.name}.log"
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # what an interrupted build left
     log.write_text("")
     say(f"tunelab: building llama-server's web page from {ui}, once (~5 min on 2 cores); cached in {home}, "
         f"log in {log}")
@@ -146,9 +146,12 @@ def _build(ui: Path, home: Path, version: str, say: Callable[[str], None]) -> Pa
         if not (www / "index.html").is_file():
             raise WebUIError(f"npm run build finished but wrote no {www / 'index.html'}; the whole log is {log}")
         _publish(work / "publish", home, {"llama_cpp_python": version, "npm_ci_seconds": ci, "build_seconds": built})
+        say(f"tunelab: web page built in {time.monotonic() - started:.0f} s: {home / 'www'}")
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # node_modules is ~700 MB; npm ci starts from scratch anyway
-    say(f"tunelab: web page built in {time.monotonic() - started:.0f} s: {home / 'www'}")
+        # node_modules (~700 MB, 50,000 files) is of no later use: a new lock means a new npm ci. Deleting it
+        # took 1-2 min on a loaded disk, so it is said, after the build time.
+        say(f"  removing the build folder {work}")
+        shutil.rmtree(work, ignore_errors=True)
     return home / "www"
 
 
