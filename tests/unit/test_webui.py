@@ -102,7 +102,9 @@ def test_the_path_argument_is_the_absolute_www_folder(tmp_path, monkeypatch):
 
 def test_ensure_webui_builds_once_into_a_folder_keyed_by_version_and_lock(cache):
     said = []
+    assert webui.built_webui() is None
     www = webui.ensure_webui(say=said.append)
+    assert webui.built_webui() == www
     assert www.parent.name.startswith(VERSION + "-") and www.parent.parent.name == "llama-server-ui"
     assert (www / "index.html").is_file() and webui.built_webui(www.parent) == www
     steps = [line.split("]")[0].strip() for line in said if line.strip().startswith("[")]

@@ -69,7 +69,10 @@ def built_webui(home: Optional[Path] = None) -> Optional[Path]:
     WebUIError if any file in it is not the one that was built (changed, missing or added)."""
     if home is None:
         version = llama_cpp_version()
-        home = webui_home(version, ui_source(version))
+        ui = server_home(version) / "src" / "tools" / "ui"
+        if not (ui / "package-lock.json").is_file():
+            return None  # no source extracted, so no page built from it (and a check downloads nothing)
+        home = webui_home(version, ui)
     record = home / RECORD
     if not record.is_file():
         return None
