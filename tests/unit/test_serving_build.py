@@ -65,7 +65,7 @@ def test_a_cached_binary_whose_bytes_changed_is_refused(cache):
     home = build.server_home("0.3.36")
     (home / "bin").mkdir(parents=True)
     (home / "bin" / "llama-server").write_bytes(b"the built binary")
-    (home / "build.json").write_text(json.dumps({"sha256": build._sha256(home / "bin" / "llama-server")}))
+    (home / "build.json").write_text(json.dumps({"sha256": build.file_sha256(home / "bin" / "llama-server")}))
     assert build.built_server(home) == home / "bin" / "llama-server"
     (home / "bin" / "llama-server").write_bytes(b"something else")
     with pytest.raises(build.BuildError, match="is not the llama-server that was built there"):

@@ -142,12 +142,14 @@ def _llama_server(gguf: Path, serve: dict, port: int, dry_run: bool) -> int:
 
 
 def _web_page() -> Optional[Path]:
-    """The built web page folder for --path, or None (serve says it is absent)."""
+    """The built web page folder for --path (its files checked by sha256), or None: serve says it is absent."""
+    from tunelab.serving.build import BuildError
+    from tunelab.serving.webui import built_webui
+
     try:
-        from tunelab.serving.webui import built_webui
-    except ImportError:
-        return None
-    return built_webui()
+        return built_webui()
+    except BuildError as err:
+        raise Refused(str(err)) from None
 
 
 def _say_builtins(manifest_path: Path, quant: str) -> None:

@@ -53,7 +53,7 @@ def server_home(version: Optional[str] = None) -> Path:
     return build_cache() / "llama-server" / f"{version or llama_cpp_version()}-{flags}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +69,7 @@ def built_server(home: Optional[Path] = None) -> Optional[Path]:
         return None
     info = json.loads(record.read_text())
     binary = home / "bin" / "llama-server"
-    if not binary.is_file() or _sha256(binary) != info["sha256"]:
+    if not binary.is_file() or file_sha256(binary) != info["sha256"]:
         raise BuildError(f"{binary} is not the llama-server that was built there (sha256 differs from {record}): "
                          f"delete {home} to build it again")
     return binary
@@ -80,7 +80,7 @@ def missing_tools() -> List[str]:
     return [name for name, tools in wanted.items() if not any(shutil.which(t) for t in tools)]
 
 
-def _source(home: Path, version: str) -> Path:
+def llama_cpp_source(home: Path, version: str) -> Path:
     """vendor/llama.cpp of the llama-cpp-python source archive, extracted once into home/src."""
     from tunelab.export.llama_cpp import download_sdist
 
@@ -99,7 +99,7 @@ def _source(home: Path, version: str) -> Path:
     if not (staging / "CMakeLists.txt").is_file():
         raise BuildError(f"{archive} holds no vendor/llama.cpp/CMakeLists.txt")
     os.replace(staging, src)
-    (home / "sdist.sha256").write_text(_sha256(archive) + "\n")
+    (home / "sdist.sha256").write_text(file_sha256(archive) + "\n")
     return src
 
 
@@ -145,7 +145,7 @@ def ensure_server(say: Callable[[str], None] = print) -> Path:
         say(f"tunelab: building llama.cpp's llama-server {version} from its source, once (~30 min on 2 cores); "
             f"cached in {home}, log in {home / 'build.log'}")
         started = time.monotonic()
-        src, build = _source(home, version), home / "build"
+        src, build = llama_cpp_source(home, version), home / "build"
         bar = tqdm(total=100, desc="llama-server build", unit="%")
 
         def advance(percent: int) -> None:
@@ -167,7 +167,7 @@ def _publish(home: Path, build: Path, version: str, seconds: float) -> Path:
     shutil.copyfile(build / "bin" / "llama-server", tmp)
     tmp.chmod(0o755)
     os.replace(tmp, binary)
-    record = {"llama_cpp_python": version, "flags": list(SERVER_FLAGS), "sha256": _sha256(binary),
+    record = {"llama_cpp_python": version, "flags": list(SERVER_FLAGS), "sha256": file_sha256(binary),
               "sdist_sha256": (home / "sdist.sha256").read_text().strip(), "build_seconds": round(seconds)}
     (home / "build.json.partial").write_text(json.dumps(record, indent=2))
     os.replace(home / "build.json.partial", home / "build.json")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from tunelab.procs import child_popen, kill_group
-from tunelab.serving.build import (BuildError, _sha256, _source, build_cache, file_lock, llama_cpp_version,
+from tunelab.serving.build import (BuildError, build_cache, file_lock, file_sha256, llama_cpp_source, llama_cpp_version,
                                    server_home)
 
 RECORD = "webui.json"
@@ -48,7 +48,7 @@ def ui_source(version: Optional[str] = None) -> Path:
     if not (home / "src" / "CMakeLists.txt").is_file():
         home.mkdir(parents=True, exist_ok=True)
         with file_lock(home / ".lock"):  # the server build extracts the same tree under this lock
-            _source(home, version)
+            llama_cpp_source(home, version)
     if not (ui / "package-lock.json").is_file():
         raise WebUIError(f"{ui} holds no package-lock.json: this llama.cpp has no web page to build")
     return ui
@@ -61,7 +61,7 @@ def webui_home(version: str, ui: Path) -> Path:
 
 
 def file_hashes(www: Path) -> Dict[str, str]:
-    return {p.relative_to(www).as_posix(): _sha256(p) for p in sorted(www.rglob("*")) if not p.is_dir()}
+    return {p.relative_to(www).as_posix(): file_sha256(p) for p in sorted(www.rglob("*")) if not p.is_dir()}
 
 
 def built_webui(home: Optional[Path] = None) -> Optional[Path]:
