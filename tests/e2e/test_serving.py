@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -216,3 +217,55 @@ def test_serve_says_what_a_missing_compiler_stops_and_starts_nothing(served_run,
     assert "building llama-server needs cmake and a C++ compiler and make, not found on PATH" in done.stderr
     assert "--engine llama-cpp-python" in done.stderr
     assert not list((tmp_path / "empty-cache").rglob("llama-server*"))
+
+
+def _copy_server(cache, binary):
+    """A build cache holding the built llama-server (bytes and record), as `make test` left it."""
+    import shutil
+
+    from tunelab.serving.build import server_home
+
+    home = cache / "llama-server" / server_home().name
+    (home / "bin").mkdir(parents=True)
+    shutil.copy2(binary, home / "bin" / "llama-server")
+    shutil.copy2(binary.parent.parent / "build.json", home / "build.json")
+    return home
+
+
+def _page_of(proc, port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as reply:
+        return reply.status, reply.read().decode()
+
+
+def test_serve_serves_the_web_page_once_built_and_says_plainly_when_not(served_run, server_binary, tmp_path):
+    from tunelab.serving import webui
+
+    run, overrides = served_run
+    cache = tmp_path / "cache"
+    home = _copy_server(cache, server_binary)
+    env = {**os.environ, "TUNELAB_BUILD_CACHE": str(cache)}
+    for page in (None, "<html><body>tunelab test page</body></html>"):
+        if page is not None:  # a published page: what `python -m tunelab.serving.webui` leaves
+            ui = home / "src" / "tools" / "ui"
+            ui.mkdir(parents=True)
+            (ui / "package-lock.json").write_text("{}")
+            www = webui.webui_home(webui.llama_cpp_version(), ui) / "www"
+            www.mkdir(parents=True)
+            (www / "index.html").write_text(page)
+            (www.parent / webui.RECORD).write_text(json.dumps({"files": webui.file_hashes(www)}))
+        port = free_port()
+        serve = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--port", str(port), *overrides],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            _wait_ready(serve, port)
+            if page is None:
+                with pytest.raises(urllib.error.HTTPError, match="404"):
+                    _page_of(serve, port)
+            else:
+                assert _page_of(serve, port) == (200, page)
+        finally:
+            serve.send_signal(signal.SIGINT)
+            serve.wait(timeout=60)
+        said = serve.stdout.read()
+        assert ("no web page (not built: `python -m tunelab.serving.webui`)" in said) == (page is None), said
+        assert (f"web page http://127.0.0.1:{port}/" in said) == (page is not None), said
