@@ -6,6 +6,7 @@ tokens, no penalties), and every answer is compared with evaluate/generations.js
   tunelab     the command `tunelab serve` runs (flash attention off and evaluation's settings)
   default     llama-server's own defaults for everything but the template and the answer length
               (flash attention `auto`, i.e. on for the CPU)
+  default -fa off   the same with flash attention off only (is the kernel the difference?)
 Prompt token counts are compared too (the prompt llama-server builds vs evaluation's).
 
     make run && python benchmarks/serve_parity.py                    # runs/tweets
@@ -28,7 +29,7 @@ def contenders(gguf: Path, serve: dict, port: int) -> dict:
     tunelab = server_args(gguf, Path(serve["template_file"]), serve["settings"], port)
     default = ["-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--jinja", "--chat-template-file",
                serve["template_file"], "-n", str(serve["settings"]["max_tokens"]), "-c", str(serve["settings"]["n_ctx"])]
-    return {"tunelab": tunelab, "default": default}
+    return {"tunelab": tunelab, "default": default, "default -fa off": default + ["-fa", "off"]}
 
 
 def measure(binary: Path, args: list, port: int, rows: list, conversations: list, max_tokens: int, log: Path) -> dict:
@@ -61,12 +62,14 @@ def main(argv) -> None:
     for quant in quants:
         gguf = Path(manifest["finetuned"][quant]["path"])
         rows = [g for g in generations if g["variant"] == "finetuned" and g["quant"] == quant][:len(conversations)]
-        for name, server_flags in contenders(gguf, serve, port := free_port()).items():
+        for name in ("tunelab", "default", "default -fa off"):
+            port = free_port()
+            server_flags = contenders(gguf, serve, port)[name]
             results[(quant, name)] = measure(binary, server_flags, port, rows, conversations,
                                              serve["settings"]["max_tokens"], args.run_dir / f"parity.{quant}.{name}.log")
             r = results[(quant, name)]
             print(f"  {quant} {name}: {r['identical']}/{r['rows']}", file=sys.stderr, flush=True)
-    print(f"\n| GGUF | llama-server flags | rows | answers identical | ratio | prompt tokens equal |")
+    print("\n| GGUF | llama-server flags | rows | answers identical | ratio | prompt tokens equal |")
     print("|---|---|---|---|---|---|")
     for (quant, name), r in results.items():
         print(f"| {quant} | {name} | {r['rows']} | {r['identical']} | {r['identical'] / max(r['rows'], 1):.3f} | "

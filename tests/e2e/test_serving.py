@@ -117,16 +117,27 @@ def _serve(overrides, *args):
 
 
 def _wait_ready(proc, port, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError("the server never became ready")
+    """Until `tunelab serve` says its server is ready (a condition, not a delay). A thread reads what
+    it says into proc.lines (all of it, until it ends: proc.reader)."""
+    import threading
+
+    proc.lines, ready = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            proc.lines.append(line)
+            if " ready" in line and f":{port}" in line:
+                ready.set()
+        ready.set()  # it ended: the assertion below says why
+
+    proc.reader = threading.Thread(target=read, daemon=True)
+    proc.reader.start()
+    assert ready.wait(timeout) and proc.poll() is None, "".join(proc.lines)
+
+
+def _said(proc) -> str:
+    proc.reader.join(timeout=60)
+    return "".join(proc.lines)
 
 
 def _chat(port, messages, max_tokens):
@@ -266,6 +277,6 @@ def test_serve_serves_the_web_page_once_built_and_says_plainly_when_not(served_r
         finally:
             serve.send_signal(signal.SIGINT)
             serve.wait(timeout=60)
-        said = serve.stdout.read()
+        said = _said(serve)
         assert ("no web page (not built: `python -m tunelab.serving.webui`)" in said) == (page is None), said
         assert (f"web page http://127.0.0.1:{port}/" in said) == (page is not None), said

@@ -112,7 +112,7 @@ def _serve_record(manifest_path: Path) -> dict:
     return serve
 
 
-def _llama_server(gguf: Path, serve: dict, port: int, dry_run: bool) -> int:
+def _llama_server(gguf: Path, serve: dict, port: int, dry_run: bool, log_dir: Path) -> int:
     from tunelab.serving.build import BuildError, ensure_server
     from tunelab.serving.command import server_args, shell_line
     from tunelab.serving.server import LlamaServer
@@ -126,7 +126,8 @@ def _llama_server(gguf: Path, serve: dict, port: int, dry_run: bool) -> int:
     print(shell_line(str(binary), args), flush=True)
     if dry_run:
         return 0
-    server = LlamaServer(binary, args, port, gguf.parent / f"llama-server.serve.{gguf.stem}.log")
+    # its log beside the run's state, not in export/ (whose files export recorded)
+    server = LlamaServer(binary, args, port, log_dir / f"llama-server.{gguf.stem}.log")
     try:
         server.start()
         page = f"web page http://{HOST}:{port}/" if ui else "no web page (not built: `python -m tunelab.serving.webui`)"
@@ -191,7 +192,7 @@ def _serve(args) -> int:
     _say_system_prompt(serve)
     _say_builtins(paths.export_manifest, args.quant or cfg.quantization.ship)
     if args.engine == "llama-server":
-        return _llama_server(gguf, serve, args.port, args.dry_run)
+        return _llama_server(gguf, serve, args.port, args.dry_run, paths.state_dir / "logs")
     import uvicorn
 
     print(f"tunelab serve: {gguf} with llama-cpp-python on http://{HOST}:{args.port}/v1 (model name {gguf.name!r})",

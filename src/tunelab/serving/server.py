@@ -27,8 +27,11 @@ class ServerError(RuntimeError):
 def check_port_free(port: int) -> None:
     """Fail before anything starts if another process listens on HOST:port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # as servers bind: a port whose last connections are in TIME_WAIT is free, a listening one is not
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, port))
+            probe.listen()
         except OSError as err:
             raise ServerError(f"port {port} on {HOST} is in use ({err.strerror}): stop what listens there "
                               "or choose another with --port") from None
