@@ -248,11 +248,13 @@ def _page_of(proc, port):
         return reply.status, reply.read().decode()
 
 
-def test_serve_serves_the_web_page_once_built_and_says_plainly_when_not(served_run, server_binary, tmp_path):
+def test_serve_serves_the_web_page_once_built_and_says_plainly_when_not(served_run, server_binary, tmp_path,
+                                                                       monkeypatch):
     from tunelab.serving import webui
 
     run, overrides = served_run
     cache = tmp_path / "cache"
+    monkeypatch.setenv("TUNELAB_BUILD_CACHE", str(cache))  # here as in the serve it starts
     home = _copy_server(cache, server_binary)
     env = {**os.environ, "TUNELAB_BUILD_CACHE": str(cache)}
     for page in (None, "<html><body>tunelab test page</body></html>"):

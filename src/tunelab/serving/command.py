@@ -63,7 +63,8 @@ def serving_notes(gguf: Path, template_file: Path, settings: dict, runtimes: dic
                   stops: List[str]) -> str:
     """The text written beside each GGUF: how to serve it as it was evaluated, anywhere."""
     lines = [f"# Serving {gguf.name} as tunelab evaluated it", "",
-             "llama.cpp's llama-server (the settings of evaluation; the template that passed the parity gate):", "",
+             "llama.cpp's llama-server, run in this folder (the settings of evaluation; the template that passed "
+             "the parity gate):", "",
              "    " + shell_line("llama-server", server_args(Path(gguf.name), Path(template_file.name), settings, 8080)),
              ""]
     if system_prompt is not None:
@@ -77,6 +78,8 @@ def serving_notes(gguf: Path, template_file: Path, settings: dict, runtimes: dic
     if equivalent:
         lines += [f"  equivalent to training: {', '.join(equivalent)}",
                   "    " + builtin_line(Path(gguf.name), equivalent[0], settings)]
+        if system_prompt is not None:
+            lines.append("  (a built-in adds no default system prompt: send training's in every request)")
     else:
         lines.append("  none is equivalent to training: use the embedded template (the command above)")
     lines.append(f"  not equivalent: {', '.join(sorted(differ))}")
