@@ -130,4 +130,4 @@ def test_sigkill_during_conversion_kills_the_converter_too(run_copy):
     assert ended["signal"] == signal.SIGKILL, f"the converter outlived tunelab and ended on its own: {ended}"
     export = run_copy / "run/export"
     leftovers = [p.name for p in export.iterdir() if p.is_file()] if export.is_dir() else []
-    assert all(n.startswith("model.") and n.endswith(".partial") for n in leftovers), leftovers  # never a .gguf
+    assert all(n.endswith(".partial") for n in leftovers), leftovers  # never a .gguf, nothing that looks finished

@@ -111,9 +111,16 @@ def test_llama_server_answers_a_tiny_llama3_as_evaluation_did(tiny_llama3_run, s
             server.wait(timeout=60)
 
 
+def _ctrl_c_reaches_it():
+    """A shell's `cmd &` sets SIGINT to ignored, and children inherit that: the Ctrl-C these tests send
+    must reach serve however the suite itself was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _serve(overrides, *args):
     return subprocess.Popen([sys.executable, "-m", "tunelab", "serve", *args, *overrides], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ctrl_c_reaches_it)
 
 
 def _wait_ready(proc, port, timeout=300):
@@ -268,7 +275,8 @@ def test_serve_serves_the_web_page_once_built_and_says_plainly_when_not(served_r
             (www.parent / webui.RECORD).write_text(json.dumps({"files": webui.file_hashes(www)}))
         port = free_port()
         serve = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--port", str(port), *overrides],
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                 preexec_fn=_ctrl_c_reaches_it)
         try:
             _wait_ready(serve, port)
             if page is None:

@@ -14,7 +14,11 @@ from tunelab import runstate
 def handlers():
     """The test process's SIGINT/SIGTERM handlers, put back afterwards (an interrupt leaves a shield)."""
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield before
+    # Python's own defaults, even where the suite was started with SIGINT ignored (a shell's `cmd &`),
+    # which runstate rightly leaves alone.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     for signum, handler in before.items():
         signal.signal(signum, handler)
 

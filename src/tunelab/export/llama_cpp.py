@@ -95,7 +95,7 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, cache_root: Path) -> Pat
     (tunelab.procs); atomic on success: only model.<type>.partial is ever half-written."""
     script = ensure_converter(cache_root)
     tmp = out_path.with_suffix(".partial")
-    override = out_path.with_suffix(".metadata.json")
+    override = out_path.with_suffix(".metadata.partial")  # a .partial name: a kill -9 leaves nothing that looks done
     override.write_text(json.dumps(EVALUATION_SAMPLING))
     cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype,
            "--metadata", str(override)]

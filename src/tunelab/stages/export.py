@@ -112,9 +112,10 @@ def _serve_template(paths: RunPaths, template, conversations, cfg) -> dict:
     system_prompt = trained_system_prompt(conversations)
     source = default_system_template(template.source, system_prompt)
     path = paths.export_dir / "chat_template.jinja"
-    path.write_text(source, encoding="utf-8")
-    return {"template_file": str(path), "template_sha256": sha256_file(path), "system_prompt": system_prompt,
-            "settings": evaluation_settings(cfg.eval), "template_source": source}
+    staged = path.with_name(path.name + ".partial")  # published only once every GGUF passed the gate
+    staged.write_text(source, encoding="utf-8")
+    return {"template_file": str(path), "template_sha256": sha256_file(staged), "system_prompt": system_prompt,
+            "settings": evaluation_settings(cfg.eval), "template_source": source, "staged_file": staged}
 
 
 def _write_serving_files(gguf: Path, template, runtimes: dict, serve: dict, stops: List[str]) -> Dict[str, str]:
@@ -147,7 +148,7 @@ def run(cfg, paths: RunPaths) -> dict:
         shutil.rmtree(paths.export_dir)
     eot_id = write_hf_folder(merged, tokenizer, template, paths.merged_dir)
     serve = _serve_template(paths, template, conversations, cfg)
-    server_for = gate_server(Path(serve["template_file"]), serve["settings"], paths.export_dir)
+    server_for = gate_server(serve["staged_file"], serve["settings"], paths.export_dir)
     serve["llama_server"] = "checked by the gate" if server_for else "not built: `python -m tunelab.serving.build`"
     out = {q: paths.gguf(q) for q in cfg.quantization.types}
     try:
@@ -157,6 +158,7 @@ def run(cfg, paths: RunPaths) -> dict:
     except ParityError:
         shutil.rmtree(paths.export_dir)  # nothing of a refused export stays behind
         raise
+    os.replace(serve.pop("staged_file"), serve["template_file"])
     files = {q: _write_serving_files(p, template, gate[q]["runtimes"], serve, list(cfg.template.stop)) for q, p in out.items()}
     serve.pop("template_source")
     manifest = {"finetuned": _files(out), "end_of_turn": template.end_of_turn, "eot_id": eot_id,
