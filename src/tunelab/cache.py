@@ -57,13 +57,18 @@ def model_digests(model_dir: Path) -> Dict[str, str]:
             .hexdigest() for kind, chosen in (("tokenizer", tokenizer), ("model", files))}
 
 
-def stage_inputs(stage: str, paths: RunPaths, dataset_sha256: str, model: Optional[Dict[str, str]]) -> dict:
+def stage_inputs(stage: str, paths: RunPaths, dataset_sha256: str, model: Optional[Dict[str, str]],
+                 gpu_layers: str = "auto") -> dict:
     """The digests of what the stage reads; upstream outputs are hashed from disk and checked."""
     inputs = {up: StageRecord(paths, up).verified_digest() for up in UPSTREAM[stage]}
     if stage == "prepare":
         inputs["dataset"] = dataset_sha256
     if MODEL_INPUT[stage] and model is not None:
         inputs[MODEL_INPUT[stage]] = model[MODEL_INPUT[stage]]
+    if stage == "evaluate":  # CUDA kernels round differently: answers measured on one never stand for the other's
+        from tunelab.eval.device import backend_name, resolve_gpu_layers
+
+        inputs["backend"] = backend_name(resolve_gpu_layers(gpu_layers))
     if stage == "export":  # the gate checks the GGUFs through llama-server too once it is built
         from tunelab.serving.build import built_server
 

@@ -87,7 +87,7 @@ def run_stage(stage: str, cfg: DictConfig, paths: RunPaths, cache: StageCache, d
     """Reuse the stage's cached outputs when its key matches (every byte verified on the way), else
     run it and cache what it wrote. A damaged entry is dropped and the stage runs. train streams its
     curve to the tracked run through reporter (tracking.Reporter) while it runs."""
-    inputs = stage_inputs(stage, paths, data_hash, model)
+    inputs = stage_inputs(stage, paths, data_hash, model, cfg.eval.gpu_layers)
     key = stage_key(stage, cfg, inputs)
     hit = cache.lookup(stage, key)
     if hit is not None:

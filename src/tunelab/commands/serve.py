@@ -90,12 +90,13 @@ def answering_as_evaluated(handler, system_prompt: Optional[str] = None):
     return handler_as_evaluated
 
 
-def server_app(gguf: Path, port: int, n_ctx: int, threads, system_prompt: Optional[str] = None):
+def server_app(gguf: Path, port: int, n_ctx: int, threads, system_prompt: Optional[str] = None, gpu_layers: int = 0):
     from llama_cpp.server import app as server
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
     model = ModelSettings(model=str(gguf), model_alias=gguf.name, chat_format="chat_template.default",
-                          n_ctx=n_ctx, n_threads=threads or os.cpu_count(), seed=0, verbose=False)
+                          n_ctx=n_ctx, n_threads=threads or os.cpu_count(), n_gpu_layers=gpu_layers, seed=0,
+                          verbose=False)
     app = server.create_app(server_settings=ServerSettings(host=HOST, port=port), model_settings=[model])
     # The one loaded model (llama-cpp-python 0.3.36 keeps it in this module-level proxy): its handler
     # is the GGUF's own template, already checked to be the gated one.
@@ -168,6 +169,16 @@ def _say_system_prompt(serve: dict) -> None:
               f"{serve['system_prompt']!r}", file=sys.stderr, flush=True)
 
 
+def _gpu_layers(setting) -> int:
+    from tunelab.config.errors import ConfigError
+    from tunelab.eval.device import resolve_gpu_layers
+
+    try:
+        return resolve_gpu_layers(setting)
+    except ConfigError as err:
+        raise Refused(str(err)) from None
+
+
 def main(argv: List[str]) -> int:
     try:
         return _serve(_parse(argv))
@@ -191,7 +202,11 @@ def _serve(args) -> int:
         raise Refused(f"{err}") from None
     _say_system_prompt(serve)
     _say_builtins(paths.export_manifest, args.quant or cfg.quantization.ship)
+    layers = _gpu_layers(cfg.eval.gpu_layers)
     if args.engine == "llama-server":
+        if layers != 0:  # the llama-server tunelab builds is llama.cpp's CPU build
+            print(f"tunelab serve: llama-server here is a CPU build; eval.gpu_layers={cfg.eval.gpu_layers} applies to "
+                  "`--engine llama-cpp-python` (evaluation's engine)", file=sys.stderr, flush=True)
         return _llama_server(gguf, serve, args.port, args.dry_run, paths.state_dir / "logs")
     import uvicorn
 
@@ -199,6 +214,6 @@ def _serve(args) -> int:
           flush=True)
     if args.dry_run:
         return 0
-    uvicorn.run(server_app(gguf, args.port, cfg.eval.n_ctx, cfg.eval.threads, serve.get("system_prompt")),
+    uvicorn.run(server_app(gguf, args.port, cfg.eval.n_ctx, cfg.eval.threads, serve.get("system_prompt"), layers),
                 host=HOST, port=args.port, log_level="warning")
     return 0

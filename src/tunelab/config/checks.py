@@ -11,6 +11,7 @@ from tunelab.config.errors import ConfigError  # noqa: F401  (callers import it 
 from tunelab.data.sources import input_path_problem
 from tunelab.templates.chat import BOS_POLICIES
 from tunelab.templates.special_text import POLICIES as SPECIAL_TEXT_POLICIES
+from tunelab.eval.device import gpu_layers_problems
 from tunelab.eval.registry import metric_problems
 
 STAGES = ("all", "prepare", "train", "export", "evaluate")
@@ -157,6 +158,7 @@ def check_eval(cfg) -> List[str]:
         problems.append(f"eval.headline={e.headline!r} is not one of eval.metrics: {', '.join(e.metrics)}")
     if e.max_new_tokens < 1:
         problems.append(f"eval.max_new_tokens={e.max_new_tokens} must be >= 1")
+    problems += gpu_layers_problems(e.gpu_layers)
     if e.parallel_rows < 1:
         problems.append(f"eval.parallel_rows={e.parallel_rows} must be >= 1 (1: rows one at a time)")
     if e.temperature != 0:

@@ -197,6 +197,9 @@ class EvalConfig:
     temperature: float = 0.0  # greedy only: answers must be recomputable from the GGUF
     n_ctx: int = 512
     threads: Optional[int] = None
+    # Layers llama.cpp runs on the GPU, in evaluation and `tunelab serve`: auto (every layer where this
+    # llama-cpp-python build can offload, i.e. a CUDA build on a GPU machine; else 0), all, or a count.
+    gpu_layers: str = "auto"
     # Rows whose greedy steps share one llama.cpp call (one KV-cache stream each: n_ctx cells per row).
     # Used only where the GGUF's kernels give every row the logits it gets alone (probed per GGUF,
     # see tunelab.eval.parallel); otherwise rows go one at a time. 1: always one at a time.

@@ -17,7 +17,7 @@ from tunelab.eval.metrics import Generation
 from tunelab.templates.chat import ChatTemplate, Message
 
 
-def load_gguf(path: Path, n_ctx: int, threads=None):
+def load_gguf(path: Path, n_ctx: int, threads=None, gpu_layers: int = 0):
     from llama_cpp import Llama
 
     threads = threads or os.cpu_count()
@@ -26,7 +26,7 @@ def load_gguf(path: Path, n_ctx: int, threads=None):
     # chat_format names the GGUF's own template: without it llama-cpp-python may swap in a built-in
     # format it guesses from the template's text, which is not what the parity gate checked.
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 seed=0, verbose=False, chat_format="chat_template.default")
+                 n_gpu_layers=gpu_layers, seed=0, verbose=False, chat_format="chat_template.default")
 
 
 def embedded_template(llm, path: Path) -> ChatTemplate:

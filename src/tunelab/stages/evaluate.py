@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 from rich.progress import Progress
 
 from tunelab.data.formats import read_prepared
+from tunelab.eval.device import backend_name, resolve_gpu_layers
 from tunelab.eval.generate import embedded_template, generate, load_gguf
 from tunelab.eval.logits import AnswerScores, ReferenceLogprobs, answer_sequences
 from tunelab.eval.metrics import higher_is_better
@@ -106,7 +107,7 @@ class _References:
 def evaluate_gguf(cfg, path: Path, conversations, metric_fns: dict, score_logits=None, progress=None):
     """Scores of one GGUF, its generations and its speed, from one loaded model and one pass over
     the eval rows (generation and, with score_logits, the logit pass)."""
-    llm = load_gguf(path, cfg.eval.n_ctx, cfg.eval.threads)
+    llm = load_gguf(path, cfg.eval.n_ctx, cfg.eval.threads, resolve_gpu_layers(cfg.eval.gpu_layers))
     template = embedded_template(llm, path)
     logit_scores = None
     if score_logits is not None:
@@ -170,7 +171,8 @@ def _summarize(cfg, paths: RunPaths, manifest: dict, results: dict, speeds: dict
                "ship": manifest["ship"], "eval_rows": eval_rows, "speed": speeds, "verdict": verdict,
                "kl_floor_unchecked": cfg.quantization.max_kl is not None and not cfg.eval.logit_metrics,
                # how the answers were decoded: what `tunelab serve` and the printed commands set too
-               "decoding": {"engine": "llama-cpp-python", **manifest.get("serve", {}).get("settings", {})},
+               "decoding": {"engine": "llama-cpp-python", "backend": backend_name(resolve_gpu_layers(cfg.eval.gpu_layers)),
+                            **manifest.get("serve", {}).get("settings", {})},
                "gguf_sha256": {v: {q: manifest[v][q]["sha256"] for q in results[v]} for v in results}}
     _write(paths.generations_jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
     _write(paths.evaluation_summary, json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
