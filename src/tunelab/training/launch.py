@@ -182,7 +182,8 @@ def _failure(r: int, code: int, paths: RunPaths, world: int) -> Exception:
             return INPUT_ERRORS[reported["type"]](reported)
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     log = log_path(paths, r)
-    tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:] if log.is_file() else []
+    lines = [line.split("\r")[-1].rstrip() for line in log.read_text(errors="replace").splitlines()] if log.is_file() else []
+    tail = [line for line in lines if line][-LOG_TAIL:]  # the last state of each progress bar, no blanks
     return RankFailed(f"training rank {r} of {world} {how}; the other ranks were stopped. Its log: {log}"
                       + ("\n  " + "\n  ".join(tail) if tail else ""))
 
