@@ -182,10 +182,17 @@ def _failure(r: int, code: int, paths: RunPaths, world: int) -> Exception:
             return INPUT_ERRORS[reported["type"]](reported)
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     log = log_path(paths, r)
-    lines = [line.split("\r")[-1].rstrip() for line in log.read_text(errors="replace").splitlines()] if log.is_file() else []
-    tail = [line for line in lines if line][-LOG_TAIL:]  # the last state of each progress bar, no blanks
+    tail = _log_tail(log)
     return RankFailed(f"training rank {r} of {world} {how}; the other ranks were stopped. Its log: {log}"
                       + ("\n  " + "\n  ".join(tail) if tail else ""))
+
+
+def _log_tail(log: Path) -> List[str]:
+    """The last LOG_TAIL lines of a rank's log: of a progress bar (\r-separated) its last state, no blanks."""
+    if not log.is_file():
+        return []
+    lines = [line.split("\r")[-1].rstrip() for line in log.read_bytes().decode(errors="replace").split("\n")]
+    return [line for line in lines if line][-LOG_TAIL:]
 
 
 def _stop(ranks: List[subprocess.Popen], events: Events) -> None:
