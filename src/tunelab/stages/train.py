@@ -8,6 +8,7 @@ contract (tunelab.templates.chat), so what is trained is exactly what export wri
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab import runstate
@@ -19,7 +20,7 @@ from tunelab.templates.chat import TemplateError, template_from_config, template
 from tunelab.templates.parity import training_contract
 from tunelab.training import checkpoints, launch, resume
 from tunelab.training.backends import load_for_training, plan_training
-from tunelab.training.callbacks import CheckpointPolicy, make_callbacks
+from tunelab.training.callbacks import CheckpointPolicy, make_callbacks, say
 
 
 class NullReporter:
@@ -69,7 +70,34 @@ def _trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            with _cpu_map_location():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+
     return TunelabSFTTrainer
+
+
+@contextmanager
+def _cpu_map_location():
+    """transformers 5.17 loads a multi-process optimizer state to args.device, which under CPU DDP is
+    `cpu:<rank>`: a location torch.load cannot restore (resume failed). Within this block torch.load reads
+    such a map_location as plain "cpu" (the same memory)."""
+    import torch
+
+    original = torch.load
+
+    def load(*args, map_location=None, **kwargs):
+        if isinstance(map_location, torch.device) and map_location.type == "cpu":
+            map_location = "cpu"
+        return original(*args, map_location=map_location, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def _sft_config(training_cfg, out_dir: Path, plan):
@@ -216,6 +244,8 @@ def _train(cfg, paths: RunPaths, reporter, trainer, main: bool = True):
     resumed_from = None
     if start:
         resumed_from = resume.continue_curve(start, paths.loss_log, reporter) if main else resume.describe(start)
+        if not main:
+            say(f"resuming from step {resumed_from['step']}: {start} (rank 0 continues the curve)")
     with runstate.deferred_interrupts() as pending:
         policy = CheckpointPolicy(paths.checkpoints_dir, cfg.training, identity, world_size, reporter.run_id, pending,
                                   main)
