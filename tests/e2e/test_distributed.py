@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -159,3 +160,25 @@ def test_a_rank_that_dies_kills_the_other_and_ends_the_run_failed(prepared, tmp_
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert "training rank 1 of 2 was killed by SIGKILL" in runs[0].data.tags["tunelab.error"]
     assert not (tmp_path / "run/train/summary.json").exists()
+
+
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_the_run_ends_killed(prepared, tmp_path):
+    shutil.copytree(prepared, tmp_path / "run")
+    process = subprocess.Popen(command(tmp_path, tmp_path / "run", *DDP, "training.max_steps=100000",
+                                       "training.save_steps=100000", "training.save_minutes=0"),
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "run/train/loss.jsonl").is_file(), process, "the first training step")
+        pids = [psutil.Process(info["pid"]) for info in ranks(tmp_path / "run").values()]
+        process.send_signal(signal.SIGTERM)  # to tunelab only: the ranks have their own process groups
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    assert not any(p.is_running() for p in pids), "a rank outlived the run"
+    saved = [p for p in (tmp_path / "run/checkpoints").glob("checkpoint-*") if (p / "tunelab-checkpoint.json").is_file()]
+    assert len(saved) == 1, stderr[-3000:]  # the interrupt's save, agreed by both ranks at one step
+    marker = json.loads((saved[0] / "tunelab-checkpoint.json").read_text())
+    assert marker["world_size"] == WORLD and {f"rng_state_{r}.pth" for r in range(WORLD)} <= set(marker["files"])
+    _, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
