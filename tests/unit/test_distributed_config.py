@@ -53,7 +53,8 @@ def test_fsdp_without_cuda_is_refused_with_every_other_problem_at_once(compose_c
     found = problems(compose_cfg("training.distributed=fsdp", "training.backend=unsloth", "lora.r=0"))
     text = "\n".join(found)
     assert "lora.r=0 must be >= 1" in text
-    assert "training.nproc_per_node=auto counts CUDA devices" in text
+    assert "training.nproc_per_node" not in text  # no advice to give CPU processes to fsdp
+    assert len(found) == 3
     assert "training.distributed=fsdp needs CUDA GPUs" in text and "use training.distributed=ddp" in text
     assert "training.backend=unsloth with training.distributed=fsdp" in text and "UNSLOTH_FSDP2" in text
 

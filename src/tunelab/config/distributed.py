@@ -64,9 +64,9 @@ def _nproc_problems(t, cuda: int) -> List[str]:
         return []
     if not (value == "auto" or (_is_int(value) and value >= 1)):
         return [f"training.nproc_per_node={value!r} must be auto (one process per CUDA device) or a number >= 1"]
-    if value == "auto" and cuda == 0:
-        return [f"training.nproc_per_node=auto counts CUDA devices and this machine has none: give the number of "
-                f"CPU processes for training.distributed={t.distributed} (e.g. training.nproc_per_node=2)"]
+    if value == "auto" and cuda == 0 and t.distributed == "ddp":  # fsdp without CUDA: refused as such
+        return ["training.nproc_per_node=auto counts CUDA devices and this machine has none: give the number of "
+                "CPU processes for training.distributed=ddp (e.g. training.nproc_per_node=2)"]
     if _is_int(value) and cuda and value > cuda:
         return [f"training.nproc_per_node={value} is more than the {cuda} CUDA device(s) here: one rank per GPU"]
     return []
