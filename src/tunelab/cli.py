@@ -61,6 +61,7 @@ def _task(cfg: DictConfig) -> Optional[float]:
     from tunelab.rundir import RunDirError
     from tunelab.templates.chat import TemplateError, TemplateLimitError
     from tunelab.templates.parity import ParityError
+    from tunelab.training.launch import RankFailed
 
     multirun, parent_run_id, tags = _job_context(cfg)
     if multirun and not sweep.started_here():  # a worker process: Ctrl-C reaches it from the sweep
@@ -80,6 +81,12 @@ def _task(cfg: DictConfig) -> Optional[float]:
         if multirun:
             raise  # Hydra marks this job FAILED and goes on with the others
         sys.exit(2)
+    except RankFailed as err:  # the run has ended FAILED; the message names the rank and its log
+        if multirun:
+            raise
+        Console(stderr=True).print(Text.assemble(("tunelab: RankFailed", "bold red"), f": {err}"), highlight=False,
+                                   soft_wrap=True)
+        sys.exit(1)
     _exit_if_nothing_ships(results, multirun)
     return pipeline.objective_value(cfg, results)
 

@@ -11,6 +11,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from tunelab.config.checks import validate
+from tunelab.config.distributed import resolve as resolve_distributed
 from tunelab import rundir
 from tunelab.cache import MODEL_INPUT, CacheCorruption, StageCache, model_digests, stage_inputs, stage_key
 from tunelab.config.identity import config_hash, file_sha256
@@ -64,6 +65,7 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
 def _start(cfg: DictConfig, paths: RunPaths, tracker: Tracker) -> tuple:
     """Validate, then write the run's config and identity; returns (config hash, dataset hash)."""
     validate(cfg)  # inside the run: a sweep job with a bad value ends FAILED with the reason
+    resolve_distributed(cfg)  # nproc_per_node=auto -> the device count: hashed, recorded, given to the ranks
     data_hash = dataset_sha256(cfg.dataset)  # the same identity prepare's manifest records
     identity = config_hash(cfg, data_hash)
     tracker.set_tags({"tunelab.config_hash": identity, "tunelab.dataset_sha256": data_hash,

@@ -195,7 +195,8 @@ class Tracker:
         if result.get("resumed_from"):
             mlflow.log_dict(result["resumed_from"], "train/resumed_from.json")
         mlflow.set_tags({f"tunelab.{key}": str(result[key]) for key in
-                         ("backend", "backend_reason", "gradient_checkpointing", "gradient_checkpointing_reason")
+                         ("backend", "backend_reason", "gradient_checkpointing", "gradient_checkpointing_reason",
+                          "distributed", "world_size")
                          if key in result})
         mlflow.log_metrics({"train.final_loss": result["train_loss"], "train.steps": result["steps"],
                             "train.runtime_s": result["train_runtime_s"] or 0.0})

@@ -133,6 +133,7 @@ def reproduce(prefix: str, overrides: List[str], reuse: bool = False) -> Tuple[d
 
     from tunelab import pipeline, tracking
     from tunelab.config.compose import compose
+    from tunelab.config.distributed import resolve as resolve_distributed
     from tunelab.config.identity import config_hash, identity_dict
     from tunelab.provenance import git_state
 
@@ -143,6 +144,7 @@ def reproduce(prefix: str, overrides: List[str], reuse: bool = False) -> Tuple[d
     recorded_hash = original["tags"]["tunelab.config_hash"]
     console = Console(stderr=True)
     console.print(f"reproducing run {original['run_id']} ({original['name']}), config hash {recorded_hash[:12]}")
+    resolve_distributed(cfg)  # as the run did before hashing: nproc_per_node=auto -> the device count
     new_hash = config_hash(cfg, check_dataset(cfg, original))
     if new_hash != recorded_hash:
         changed = set(_flat(identity_dict(cfg)).items()) ^ set(_flat(identity_dict(OmegaConf.create(stored_yaml))).items())

@@ -7,6 +7,7 @@ from typing import Callable, List
 
 from omegaconf import DictConfig
 
+from tunelab.config.distributed import check_distributed
 from tunelab.config.errors import ConfigError  # noqa: F401  (callers import it from here too)
 from tunelab.data.sources import input_path_problem
 from tunelab.templates.chat import BOS_POLICIES
@@ -205,7 +206,7 @@ def check_paths(cfg) -> List[str]:
 
 CHECKS: List[Callable[[DictConfig], List[str]]] = [
     check_stage, check_paths, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training,
-    check_eval, check_template, check_sweep,
+    check_distributed, check_eval, check_template, check_sweep,
 ]
 
 

@@ -53,10 +53,23 @@ def identity_dict(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED_KEYS:
         data.pop(key, None)
-    for section, key in IGNORED_FIELDS:
+    for section, key in IGNORED_FIELDS + _single_process_fields(data):
         if isinstance(data.get(section), dict):
             data[section].pop(key, None)
     return data
+
+
+def _single_process_fields(data: dict) -> tuple:
+    """The distributed keys where they are at their single-process defaults: one process computes the
+    same whatever they say, and a run recorded before they existed keeps its hash. Under ddp/fsdp they
+    stay (nproc_per_node, resolved to a number before hashing, sets the global batch)."""
+    training, lora = data.get("training") or {}, data.get("lora") or {}
+    fields = ()
+    if training.get("distributed", "none") == "none":
+        fields += (("training", "distributed"), ("training", "nproc_per_node"))
+    if lora.get("quant_storage") is None:
+        fields += (("lora", "quant_storage"),)
+    return fields
 
 
 def config_hash(cfg: DictConfig, data_hash: str) -> str:

@@ -108,6 +108,10 @@ class LoraConfig:
     # QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only). Export still merges the
     # adapter into the 16-bit base checkpoint.
     load_in_4bit: bool = False
+    # QLoRA: the dtype the packed 4-bit weights are stored in (bitsandbytes' bnb_4bit_quant_storage):
+    # uint8 | fp32 | bf16 | fp16; null: bitsandbytes' uint8, or under training.distributed=fsdp the
+    # compute dtype, which FSDP needs to shard them (any other value is refused there).
+    quant_storage: Optional[str] = None
 
 
 @dataclass
@@ -184,6 +188,13 @@ class TrainingConfig:
     # and world size), else start over; never: start over; a checkpoint-<step> folder: resume from
     # exactly that one (refused, exit 2, when it is incomplete or another training's).
     resume: str = "auto"
+    # none: one process. ddp: one process per device, each with the whole model, gradients averaged
+    # (gloo on the CPU, NCCL on GPUs). fsdp: the model sharded over the GPUs (CUDA only). The Hydra
+    # process validates once and launches the ranks; rank 0 alone writes outputs (docs/distributed.md).
+    distributed: str = "none"
+    # Rank processes on this node: auto (one per CUDA device) or a number (required on the CPU).
+    # The global batch is batch_size x gradient_accumulation_steps x nproc_per_node.
+    nproc_per_node: Any = "auto"
 
 
 @dataclass

@@ -8,6 +8,7 @@ contract (tunelab.templates.chat), so what is trained is exactly what export wri
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab import runstate
@@ -17,9 +18,9 @@ from tunelab.models.source import load_tokenizer, resolve_model
 from tunelab.paths import RunPaths
 from tunelab.templates.chat import TemplateError, template_from_config, template_tokenizer, tokenize_conversation
 from tunelab.templates.parity import training_contract
-from tunelab.training import checkpoints, resume
+from tunelab.training import checkpoints, launch, resume
 from tunelab.training.backends import load_for_training, plan_training
-from tunelab.training.callbacks import CheckpointPolicy, make_callbacks
+from tunelab.training.callbacks import CheckpointPolicy, make_callbacks, say
 
 
 class NullReporter:
@@ -69,7 +70,34 @@ def _trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            with _cpu_map_location():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+
     return TunelabSFTTrainer
+
+
+@contextmanager
+def _cpu_map_location():
+    """transformers 5.17 loads a multi-process optimizer state to args.device, which under CPU DDP is
+    `cpu:<rank>`: a location torch.load cannot restore (resume failed). Within this block torch.load reads
+    such a map_location as plain "cpu" (the same memory)."""
+    import torch
+
+    original = torch.load
+
+    def load(*args, map_location=None, **kwargs):
+        if isinstance(map_location, torch.device) and map_location.type == "cpu":
+            map_location = "cpu"
+        return original(*args, map_location=map_location, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def _sft_config(training_cfg, out_dir: Path, plan):
@@ -108,7 +136,27 @@ def _sft_config(training_cfg, out_dir: Path, plan):
         # Unsloth applies its own checkpointing inside the model; the Trainer's is for hf only.
         gradient_checkpointing=plan.backend == "hf" and plan.gradient_checkpointing != "off",
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_parallel_args(training_cfg),
     )
+
+
+# training.distributed=fsdp: accelerate's FSDP2, each decoder layer a unit (the model's _no_split_modules),
+# the whole state dict gathered to rank 0 for the adapter's save.
+FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+               "state_dict_type": "FULL_STATE_DICT"}
+
+
+def _parallel_args(training_cfg) -> dict:
+    """SFTConfig's arguments for several ranks (their env comes from tunelab.training.launch)."""
+    import torch
+
+    if training_cfg.distributed == "none":
+        return {}
+    # Every LoRA weight gets a gradient each step: DDP need not search for unused ones.
+    args = {"ddp_backend": "nccl" if torch.cuda.is_available() else "gloo", "ddp_find_unused_parameters": False}
+    if training_cfg.distributed == "fsdp":
+        args.update(fsdp="full_shard auto_wrap", fsdp_config=dict(FSDP_CONFIG))
+    return args
 
 
 def make_trainer(cfg, model, tokenizer, dataset, out_dir: Path, plan, callbacks=()):
@@ -119,11 +167,20 @@ def make_trainer(cfg, model, tokenizer, dataset, out_dir: Path, plan, callbacks=
 
 def run(cfg, paths: RunPaths, reporter=None) -> dict:
     """Train a LoRA adapter; write it, its tokenizer and loss.jsonl under paths.train_dir, checkpoints
-    under paths.checkpoints_dir. reporter (log_metrics, set_tags, run_id) gets the live curve."""
+    under paths.checkpoints_dir. reporter (log_metrics, set_tags, run_id) gets the live curve. Under
+    training.distributed the ranks train (tunelab.training.launch) and this process reports for them."""
+    reporter = reporter or NullReporter()
+    if cfg.training.distributed != "none" and launch.rank() is None:
+        return launch.run_ranks(cfg, paths, reporter)
+    return train_here(cfg, paths, reporter)
+
+
+def train_here(cfg, paths: RunPaths, reporter) -> dict:
+    """The training itself, in this process: alone, or as one rank (only rank 0 writes files)."""
     import torch
     from transformers import set_seed
 
-    reporter = reporter or NullReporter()
+    main = (launch.rank() or 0) == 0
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     base_dir = resolve_model(cfg.model, paths)
@@ -139,13 +196,16 @@ def run(cfg, paths: RunPaths, reporter=None) -> dict:
     set_seed(cfg.training.seed)  # LoRA's A matrices are random: seed them, or no two runs match
     model, plan = load_for_training(cfg, base_dir, plan, tokenizer=tokenizer, added_tokens=added)
 
-    paths.train_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(paths.train_tokenizer_dir)
-    contract.write(paths.template_contract)
-    paths.loss_log.unlink(missing_ok=True)
-    result, resumed_from = _train(cfg, paths, reporter, make_trainer(cfg, model, tokenizer, dataset,
-                                                                      paths.checkpoints_dir, plan))
-    model.save_pretrained(paths.adapter_dir)
+    if main:
+        paths.train_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(paths.train_tokenizer_dir)
+        contract.write(paths.template_contract)
+        paths.loss_log.unlink(missing_ok=True)
+    trainer = make_trainer(cfg, model, tokenizer, dataset, paths.checkpoints_dir, plan)
+    result, resumed_from = _train(cfg, paths, reporter, trainer, main)
+    _save_adapter(cfg, trainer, model, paths, main)
+    if not main:
+        return {}
     summary = {
         "base_model_dir": str(base_dir),
         "end_of_turn": template.end_of_turn,
@@ -159,20 +219,36 @@ def run(cfg, paths: RunPaths, reporter=None) -> dict:
         "eot_inside_answers": contract.eot_inside_answers,
         "added_tokens": added,
         "resumed_from": resumed_from,
+        "distributed": cfg.training.distributed,
+        "world_size": trainer.args.world_size,
     }
     (paths.train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _train(cfg, paths: RunPaths, reporter, trainer):
+def _save_adapter(cfg, trainer, model, paths: RunPaths, main: bool) -> None:
+    """The adapter, by rank 0. Under fsdp each rank holds a shard: the state dict is gathered first
+    (a collective: every rank calls it)."""
+    state = trainer.accelerator.get_state_dict(trainer.model) if cfg.training.distributed == "fsdp" else None
+    if main:
+        model.save_pretrained(paths.adapter_dir, **({"state_dict": state} if state is not None else {}))
+
+
+def _train(cfg, paths: RunPaths, reporter, trainer, main: bool = True):
     """trainer.train(), from the checkpoint training.resume picks, saving checkpoints as the policy
-    says. A first SIGTERM/SIGINT saves a checkpoint at the end of the step, then is raised here."""
+    says. A first SIGTERM/SIGINT saves a checkpoint at the end of the step, then is raised here.
+    Every rank picks the same checkpoint (the same files); rank 0 alone continues the curve."""
     world_size = trainer.args.world_size
     identity = checkpoints.training_identity(cfg, file_sha256(paths.train_jsonl), world_size)
     start = resume.choose(str(cfg.training.resume), paths.checkpoints_dir, identity, world_size)
-    resumed_from = resume.continue_curve(start, paths.loss_log, reporter) if start else None
+    resumed_from = None
+    if start:
+        resumed_from = resume.continue_curve(start, paths.loss_log, reporter) if main else resume.describe(start)
+        if not main:
+            say(f"resuming from step {resumed_from['step']}: {start} (rank 0 continues the curve)")
     with runstate.deferred_interrupts() as pending:
-        policy = CheckpointPolicy(paths.checkpoints_dir, cfg.training, identity, world_size, reporter.run_id, pending)
+        policy = CheckpointPolicy(paths.checkpoints_dir, cfg.training, identity, world_size, reporter.run_id, pending,
+                                  main)
         for callback in make_callbacks(paths.loss_log, reporter, policy):
             trainer.add_callback(callback)
         result = trainer.train(resume_from_checkpoint=str(start) if start else None)

@@ -8,12 +8,16 @@ a CUDA GPU is present and Unsloth imports, else hf. Both do 16-bit LoRA and 4-bi
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from tunelab.config.distributed import UNSLOTH_FSDP
 from tunelab.training.memory import choose_gradient_checkpointing
 
+# lora.quant_storage -> the torch dtype's name (bnb_4bit_quant_storage accepts the name).
+STORAGE = {"uint8": "uint8", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # What "all-linear" means for Llama-family models (Unsloth wants the names).
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,13 +38,15 @@ class TrainingPlan:
                 "gradient_checkpointing_reason": self.gc_reason}
 
 
-def select_backend(requested: str) -> Tuple[str, str]:
-    """(backend, reason) for training.backend = auto | unsloth | hf."""
+def select_backend(requested: str, distributed: str = "none") -> Tuple[str, str]:
+    """(backend, reason) for training.backend = auto | unsloth | hf, under training.distributed."""
     import torch
 
     cuda = torch.cuda.is_available()
     if requested == "hf":
         return "hf", "training.backend=hf"
+    if distributed == "fsdp":  # backend=unsloth with fsdp is refused up front (config.distributed)
+        return "hf", f"auto: training.distributed=fsdp: {UNSLOTH_FSDP}, so TRL + PEFT under accelerate's FSDP"
     if requested == "unsloth":
         if not cuda:
             raise RuntimeError("training.backend=unsloth needs a CUDA GPU (Unsloth cannot run on the CPU); "
@@ -89,10 +95,12 @@ def _load_hf(cfg, base_dir: Path, plan: TrainingPlan, tokenizer=None, added_toke
 
     kwargs = {"dtype": plan.dtype, "use_safetensors": True, "trust_remote_code": cfg.model.trust_remote_code}
     if plan.load_in_4bit:
+        storage = {} if cfg.lora.quant_storage is None else {"bnb_4bit_quant_storage": STORAGE[cfg.lora.quant_storage]}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=plan.dtype)
-        kwargs["device_map"] = {"": 0}
+            bnb_4bit_compute_dtype=plan.dtype, **storage)
+        # this rank's GPU (torchrun's LOCAL_RANK); FSDP then shards from there
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     if plan.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing != "off")
@@ -118,7 +126,7 @@ def _load_unsloth(cfg, base_dir: Path, plan: TrainingPlan, tokenizer=None, added
 
 
 def plan_training(cfg, base_dir: Path) -> TrainingPlan:
-    backend, reason = select_backend(cfg.training.backend)
+    backend, reason = select_backend(cfg.training.backend, cfg.training.distributed)
     dtype = training_dtype(cfg.training.precision)
     load_in_4bit = bool(cfg.lora.load_in_4bit)
     if load_in_4bit and backend == "hf" and not _cuda():

@@ -32,7 +32,8 @@ FORMAT = 1
 REQUIRED = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 # training.* keys that say how to checkpoint, log or use threads: not part of what is computed, so
 # changing them (e.g. resuming with training.resume=<path>) keeps the identity.
-NOT_IDENTITY = ("resume", "save_steps", "save_minutes", "keep_checkpoints", "logging_steps", "threads")
+# nproc_per_node is the world size, which the identity holds as such.
+NOT_IDENTITY = ("resume", "save_steps", "save_minutes", "keep_checkpoints", "logging_steps", "threads", "nproc_per_node")
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -41,6 +42,10 @@ def training_identity(cfg, train_data_sha256: str, world_size: int) -> str:
     sections = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "lora", "template")}
     sections["training"] = {k: v for k, v in OmegaConf.to_container(cfg.training, resolve=True).items()
                             if k not in NOT_IDENTITY}
+    if sections["training"].get("distributed") == "none":  # as the config hash: one process, as before
+        sections["training"].pop("distributed")
+    if sections["lora"].get("quant_storage", "") is None:
+        sections["lora"].pop("quant_storage")
     payload = {"config": sections, "train_data_sha256": train_data_sha256, "world_size": world_size}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
