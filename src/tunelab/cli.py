@@ -8,26 +8,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
+from tunelab.config.compose import config_dir
 from tunelab.config.schema import register_configs
 
 # Exit codes: 2 a problem with the input (config, data, template, export refused: the message says
 # which); 3 the run ended, but every fine-tuned GGUF is BROKEN: nothing to ship (README, "Exit codes").
 NOTHING_SHIPS = 3
-
-
-def config_dir() -> Path:
-    """conf/ of the project tunelab runs in: $TUNELAB_CONF, ./conf, or the one beside this package."""
-    candidates = [os.environ.get("TUNELAB_CONF"), Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "config.yaml").is_file():
-            return Path(candidate).resolve()
-    raise SystemExit("tunelab: no conf/config.yaml here; run from the project root or set TUNELAB_CONF")
 
 
 def _job_context(cfg: DictConfig):

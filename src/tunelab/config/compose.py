@@ -2,9 +2,20 @@
 experiment=tweets`, `tunelab reproduce ...`): the same groups, schema and overrides as `tunelab`."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import List
 
 from omegaconf import DictConfig
+
+
+def config_dir() -> Path:
+    """conf/ of the project tunelab runs in: $TUNELAB_CONF, ./conf, or the one beside this package."""
+    candidates = [os.environ.get("TUNELAB_CONF"), Path.cwd() / "conf", Path(__file__).resolve().parents[3] / "conf"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "config.yaml").is_file():
+            return Path(candidate).resolve()
+    raise SystemExit("tunelab: no conf/config.yaml here; run from the project root or set TUNELAB_CONF")
 
 
 def compose(overrides: List[str]) -> DictConfig:
@@ -12,7 +23,6 @@ def compose(overrides: List[str]) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from tunelab.cli import config_dir
     from tunelab.config.schema import register_configs
 
     register_configs()
