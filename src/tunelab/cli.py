@@ -13,7 +13,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.config.compose import config_dir
+from tunelab.config.compose import package_conf
 from tunelab.config.schema import register_configs
 
 # Exit codes: 2 a problem with the input (config, data, template, export refused: the message says
@@ -127,7 +127,7 @@ def main() -> None:
         sys.exit(module.main(sys.argv[2:]))
     register_configs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)
+    app = hydra.main(version_base="1.3", config_path=str(package_conf()), config_name="config")(_task)
     from tunelab import runstate, sweep
 
     try:
