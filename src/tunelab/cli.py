@@ -151,7 +151,9 @@ def preflight(argv) -> None:
         if _multirun(argv) or any(arg in _RUNS_NOTHING for arg in argv):
             override_checks.check(_overrides(argv), conf_dirs())
         else:
-            compose(_overrides(argv))
+            from tunelab.config.checks import validate
+
+            validate(compose(_overrides(argv)))  # the cross-field rules too: Hydra would make the run dir
     except ConfigError as err:
         print_error(err)
         sys.exit(2)
