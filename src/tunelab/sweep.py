@@ -1,6 +1,6 @@
 """Sweeps (`tunelab -m ...`): one MLflow parent run per sweep, every job a child run under it.
 
-A Hydra callback (conf/config.yaml, hydra.callbacks) starts the parent run when the sweep starts
+A Hydra callback (tunelab/conf/config.yaml, hydra.callbacks) starts the parent run when the sweep starts
 and leaves its id in the sweep directory, where every job finds it, whichever launcher ran the job
 (in this process, in joblib workers, or as submitit/SLURM jobs on a shared file system). When the
 sweep ends, normally or because a job failed (Hydra then exits before its end callback) or was
