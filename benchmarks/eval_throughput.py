@@ -8,7 +8,7 @@ for another) greedily:
 
   minimal             Llama(...) + create_chat_completion(messages, max_tokens, temperature=0) per prompt
   tunelab, no logits  evaluate_gguf with eval.logit_metrics=false: load, generate, every metric of
-                      conf/eval/tweets.yaml
+                      src/tunelab/conf/eval/tweets.yaml
   tunelab, all        evaluate_gguf as the evaluate stage runs it by default: the same plus perplexity
                       of the reference answers and the log-probabilities KL divergence is computed from
                       (as the reference GGUF: written to a temporary file); rows step together where
@@ -115,7 +115,7 @@ def llama_chat_formatter(llm):
 
 
 def tunelab(path: Path, convs, args, logit_metrics: bool, parallel_rows=None):
-    eval_cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(ROOT / "conf/eval/tweets.yaml"))
+    eval_cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(ROOT / "src/tunelab/src/tunelab/conf/eval/tweets.yaml"))
     eval_cfg.max_new_tokens, eval_cfg.threads, eval_cfg.logit_metrics = args.max_new_tokens, args.threads, logit_metrics
     eval_cfg.parallel_rows = parallel_rows or eval_cfg.parallel_rows
     cfg = SimpleNamespace(eval=eval_cfg, template=SimpleNamespace(stop=[]))

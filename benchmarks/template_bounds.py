@@ -1,4 +1,4 @@
-"""What the render bounds cost: every shipped template (conf/template/*.yaml; native = the tiny
+"""What the render bounds cost: every shipped template (src/tunelab/conf/template/*.yaml; native = the tiny
 model's own) renders the tweets rows (whole conversation + generation prompt, as training and
 evaluation do) in Jinja's plain immutable sandbox and through tunelab's bounded renderer.
 
@@ -36,7 +36,7 @@ def sources():
 
     paths = RunPaths(ROOT / "runs/bench", ROOT / ".cache/tunelab")
     tokenizer = load_tokenizer(resolve_model(OmegaConf.structured(ModelConfig(name="tiny-llama", source="tiny")), paths))
-    for path in sorted((ROOT / "conf/template").glob("*.yaml")):
+    for path in sorted((ROOT / "src/tunelab/conf/template").glob("*.yaml")):
         yield path.stem, yaml.safe_load(path.read_text()).get("chat_template") or tokenizer.chat_template
 
 

@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from tunelab.config.schema import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "src" / "tunelab" / "conf"
 
 
 @pytest.fixture

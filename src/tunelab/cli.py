@@ -8,26 +8,19 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
+from tunelab.config.compose import compose, conf_dirs, package_conf, project_conf
+from tunelab.config.errors import ConfigError
+from tunelab.config import overrides as override_checks
 from tunelab.config.schema import register_configs
 
 # Exit codes: 2 a problem with the input (config, data, template, export refused: the message says
 # which); 3 the run ended, but every fine-tuned GGUF is BROKEN: nothing to ship (README, "Exit codes").
 NOTHING_SHIPS = 3
-
-
-def config_dir() -> Path:
-    """conf/ of the project tunelab runs in: $TUNELAB_CONF, ./conf, or the one beside this package."""
-    candidates = [os.environ.get("TUNELAB_CONF"), Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "config.yaml").is_file():
-            return Path(candidate).resolve()
-    raise SystemExit("tunelab: no conf/config.yaml here; run from the project root or set TUNELAB_CONF")
 
 
 def _job_context(cfg: DictConfig):
@@ -48,11 +41,18 @@ def _job_context(cfg: DictConfig):
     return True, sweep.parent_run_id(hydra_cfg.runtime.output_dir), tags
 
 
-def _task(cfg: DictConfig) -> Optional[float]:
-    """One run (or one sweep job). Returns sweep.objective's value, which Optuna maximises/minimises."""
+def print_error(err: Exception) -> None:
     from rich.console import Console
     from rich.text import Text
 
+    # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
+    # line breaks inside a long file:line, so every message stays one greppable line.
+    message = Text.assemble((f"tunelab: {type(err).__name__}", "bold red"), f": {err}")
+    Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+
+
+def _task(cfg: DictConfig) -> Optional[float]:
+    """One run (or one sweep job). Returns sweep.objective's value, which Optuna maximises/minimises."""
     from tunelab import pipeline, sweep
     from tunelab.config.checks import ConfigError
     from tunelab.data.formats import DataError
@@ -67,17 +67,14 @@ def _task(cfg: DictConfig) -> Optional[float]:
     if multirun and not sweep.started_here():  # a worker process: Ctrl-C reaches it from the sweep
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # process, as SIGTERM, when its job is running
     try:
-        results = pipeline.run(cfg, parent_run_id=parent_run_id, extra_tags=tags)
+        results = pipeline.run(cfg, parent_run_id=parent_run_id, extra_tags=tags, sweep_job=multirun)
     except KeyboardInterrupt as interrupt:  # the run has ended KILLED
         if multirun:
             _end_worker(interrupt, tracked=bool(cfg.tracking.enabled))
         raise
     except (ConfigError, DataError, FileNotFoundError, TemplateError, TemplateLimitError, ParityError,
             ExportError, IntegrityError, RunDirError) as err:
-        # Text, not markup: messages quote rows ("[system]" would be read as a style); soft_wrap: no
-        # line breaks inside a long file:line, so every message stays one greppable line.
-        message = Text.assemble((f"tunelab: {type(err).__name__}", "bold red"), f": {err}")
-        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+        print_error(err)
         if multirun:
             raise  # Hydra marks this job FAILED and goes on with the others
         sys.exit(2)
@@ -131,19 +128,71 @@ def _multirun(argv) -> bool:
     return any(arg in ("-m", "--multirun") or arg.replace(" ", "") == "hydra.mode=MULTIRUN" for arg in argv)
 
 
+# Hydra's own flags: these take the next argument as their value; these use a config of their own;
+# these print and run nothing.
+_TAKES_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")
+_OWN_CONFIG = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+_RUNS_NOTHING = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--cfg", "-c",
+                 "--info", "-i")
+_INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def _overrides(argv) -> list:
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in _TAKES_VALUE or arg in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO
+        else:
+            out.append(arg)
+    return out
+
+
+def preflight(argv) -> None:
+    """Config errors before Hydra starts anything (no run directory, no MLflow run): exit 2, naming the
+    key. A single run composes its config here; a sweep's overrides are checked one by one."""
+    if any(arg.split("=")[0] in _OWN_CONFIG for arg in argv):
+        return
+    try:
+        if _multirun(argv) or any(arg in _RUNS_NOTHING for arg in argv):
+            override_checks.check(_overrides(argv), conf_dirs())
+        else:
+            from tunelab.config.checks import validate
+
+            validate(compose(_overrides(argv)))  # the cross-field rules too: Hydra would make the run dir
+    except ConfigError as err:
+        print_error(err)
+        sys.exit(2)
+    if any(arg in ("--help", "-h") for arg in argv):
+        project = project_conf()
+        print(f"Groups and experiments: tunelab's ({package_conf()})" +
+              (f" and yours ({project}; yours win on a name both have)" if project else
+               "; yours go in ./conf/<group>/<option>.yaml (or $TUNELAB_CONF): `tunelab init` writes a start"))
+
+
 # name -> module under tunelab.commands with a main(argv: list[str]) -> int
-SUBCOMMANDS: dict = {"data": "data", "serve": "serve", "runs": "runs", "reproduce": "reproduce"}
+SUBCOMMANDS: dict = {"data": "data", "serve": "serve", "runs": "runs", "reproduce": "reproduce", "init": "init"}
+
+
+def _subcommand(name: str, argv) -> int:
+    import importlib
+
+    module = importlib.import_module(f"tunelab.commands.{SUBCOMMANDS[name]}")
+    try:
+        return module.main(argv)
+    except ConfigError as err:
+        print_error(err)
+        return 2
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        import importlib
-
-        module = importlib.import_module(f"tunelab.commands.{SUBCOMMANDS[sys.argv[1]]}")
-        sys.exit(module.main(sys.argv[2:]))
+        sys.exit(_subcommand(sys.argv[1], sys.argv[2:]))
+    preflight(sys.argv[1:])
     register_configs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)
+    app = hydra.main(version_base="1.3", config_path=str(package_conf()), config_name="config")(_task)
     from tunelab import runstate, sweep
 
     try:

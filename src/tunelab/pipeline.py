@@ -31,12 +31,17 @@ STAGES = {
 console = Console()
 
 
-def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None) -> dict:
-    """Run the configured stage(s) in one tracked run; a sweep job names its parent run."""
+def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None,
+        sweep_job: bool = False) -> dict:
+    """Run the configured stage(s) in one tracked run; a sweep job names its parent run. A single run
+    checks its config and data (prepare) before its MLflow run starts: an input error creates none. A
+    sweep job does that inside its run, which then ends FAILED with the reason beside the other jobs."""
     paths = RunPaths.from_config(cfg.paths)
     stages = list(STAGES) if cfg.stage == "all" else [cfg.stage]
     tags = {"tunelab.stage": cfg.stage, "tunelab.experiment": cfg.name, "tunelab.objective": cfg.sweep.objective,
             **(extra_tags or {})}
+    if not sweep_job:
+        validate(cfg)  # before the run directory is claimed: a config error leaves nothing behind
     tracker = Tracker(cfg.tracking)
     results = {}
     # Before anything is written or tracked: a directory in use, or holding the user's files, is refused.
@@ -45,13 +50,17 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
         console.print(f"[yellow]took over the lock of {paths.run_dir}[/]: its holder "
                       f"({rundir.describe_holder(lock.took_over)}) is no longer running")
     try:
+        start = None if sweep_job else _start(cfg, paths, stages, results)
         with tracker.run(cfg, tags, run_name=cfg.name, parent_run_id=parent_run_id):
-            identity, data_hash = _start(cfg, paths, tracker)
-            cache = StageCache(cfg.cache, paths)
-            model = _model_inputs(cfg, paths, stages)
+            start = start or _start(cfg, paths, stages, results)
+            identity = start["identity"]
+            tracker.set_tags({"tunelab.config_hash": identity, "tunelab.dataset_sha256": start["data_hash"],
+                              "mlflow.runName": f"{cfg.name}-{identity[:8]}"})
             for stage in stages:
-                console.rule(f"[bold]{stage}")
-                results[stage] = run_stage(stage, cfg, paths, cache, data_hash, model, results, tracker.reporter())
+                if stage not in results:
+                    console.rule(f"[bold]{stage}")
+                    results[stage] = run_stage(stage, cfg, paths, start["cache"], start["data_hash"], start["model"],
+                                               results, tracker.reporter())
                 tracker.log_stage(stage, results[stage], paths, cfg)
             tracker.set_tags(_outcome_tags(paths, results))
     finally:
@@ -62,17 +71,21 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
     return results
 
 
-def _start(cfg: DictConfig, paths: RunPaths, tracker: Tracker) -> tuple:
-    """Validate, then write the run's config and identity; returns (config hash, dataset hash)."""
-    validate(cfg)  # inside the run: a sweep job with a bad value ends FAILED with the reason
+def _start(cfg: DictConfig, paths: RunPaths, stages, results: dict) -> dict:
+    """Validate, write the run's config and identity, and run prepare (the data's check) when it is one
+    of the stages; returns the config hash, the dataset hash, the stage cache and the model's digests."""
+    validate(cfg)  # again for a sweep job (inside its run); cheap: no file is read
     resolve_distributed(cfg)  # nproc_per_node=auto -> the device count: hashed, recorded, given to the ranks
     data_hash = dataset_sha256(cfg.dataset)  # the same identity prepare's manifest records
     identity = config_hash(cfg, data_hash)
-    tracker.set_tags({"tunelab.config_hash": identity, "tunelab.dataset_sha256": data_hash,
-                      "mlflow.runName": f"{cfg.name}-{identity[:8]}"})
     (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (paths.run_dir / "identity.json").write_text(json.dumps({"config_hash": identity, "dataset_sha256": data_hash}))
-    return identity, data_hash
+    start = {"identity": identity, "data_hash": data_hash, "cache": StageCache(cfg.cache, paths),
+             "model": _model_inputs(cfg, paths, stages)}
+    if "prepare" in stages:
+        console.rule("[bold]prepare")
+        results["prepare"] = run_stage("prepare", cfg, paths, start["cache"], data_hash, start["model"], results)
+    return start
 
 
 def _model_inputs(cfg: DictConfig, paths: RunPaths, stages) -> Optional[dict]:

@@ -39,7 +39,8 @@ def git_state() -> Dict[str, str]:
 
 
 # Modules that only start, track or report runs: editing them does not change a stage's outputs.
-NOT_COMPUTING = ("cli.py", "sweep.py", "sweep_results.py", "plots.py", "tracking.py", "runstate.py", "commands/")
+NOT_COMPUTING = ("cli.py", "sweep.py", "sweep_results.py", "sweep_tracking.py", "plots.py", "tracking.py", "runstate.py",
+                 "commands/")
 
 
 @lru_cache(maxsize=1)

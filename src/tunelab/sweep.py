@@ -1,6 +1,6 @@
 """Sweeps (`tunelab -m ...`): one MLflow parent run per sweep, every job a child run under it.
 
-A Hydra callback (conf/config.yaml, hydra.callbacks) starts the parent run when the sweep starts
+A Hydra callback (tunelab/conf/config.yaml, hydra.callbacks) starts the parent run when the sweep starts
 and leaves its id in the sweep directory, where every job finds it, whichever launcher ran the job
 (in this process, in joblib workers, or as submitit/SLURM jobs on a shared file system). When the
 sweep ends, normally or because a job failed (Hydra then exits before its end callback) or was
@@ -18,7 +18,7 @@ from typing import List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import runstate, sweep_results, tracking
+from tunelab import runstate, sweep_results, sweep_tracking
 
 MARKER = ".tunelab-sweep.json"
 _active: dict = {}  # the sweep this process started: its tracking config and parent run id
@@ -38,7 +38,7 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         tracking_cfg = OmegaConf.create(OmegaConf.to_container(config.tracking, resolve=True))
         arguments = " ".join(config.hydra.overrides.task)
-        run_id = tracking.start_sweep_run(tracking_cfg, run_name=f"{config.name}-sweep-{sweep_dir.name}", tags={
+        run_id = sweep_tracking.start_sweep_run(tracking_cfg, run_name=f"{config.name}-sweep-{sweep_dir.name}", tags={
             "tunelab.experiment": config.name, "tunelab.sweep_dir": str(sweep_dir),
             "tunelab.sweep_arguments": arguments or "(none)", "tunelab.objective_direction": config.sweep.direction})
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def stop_jobs(signum: int) -> None:
         runstate.stop_children(signum)
         return
     descendants = {child.pid for child in psutil.Process().children(recursive=True)}
-    running = {run_id: pid for run_id, pid in tracking.running_jobs(_active["tracking"], _active["run_id"]).items()
+    running = {run_id: pid for run_id, pid in sweep_tracking.running_jobs(_active["tracking"], _active["run_id"]).items()
                if pid in descendants}
     for pid in set(running.values()):
         try:
@@ -69,7 +69,7 @@ def stop_jobs(signum: int) -> None:
     deadline = time.monotonic() + runstate.STOP_CHILDREN_S
     while running and time.monotonic() < deadline:
         time.sleep(0.5)
-        still = tracking.running_jobs(_active["tracking"], _active["run_id"])
+        still = sweep_tracking.running_jobs(_active["tracking"], _active["run_id"])
         running = {run_id: pid for run_id, pid in running.items() if run_id in still and psutil.pid_exists(pid)}
 
 
@@ -86,7 +86,7 @@ def finish(interrupted: bool) -> None:
     if not _active:
         return
     tracking_cfg, run_id, direction = _active.pop("tracking"), _active.pop("run_id"), _active.pop("direction")
-    jobs = tracking.finish_sweep_run(tracking_cfg, run_id, interrupted)
+    jobs = sweep_tracking.finish_sweep_run(tracking_cfg, run_id, interrupted)
     print_summary(jobs, run_id, direction)
 
 

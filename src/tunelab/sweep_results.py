@@ -1,6 +1,6 @@
 """What a sweep's parent run shows: its jobs compared in one table, the best job by sweep.objective.
 
-Pure functions over the job summaries that tracking.finish_sweep_run reads back from MLflow (no
+Pure functions over the job summaries that sweep_tracking.finish_sweep_run reads back from MLflow (no
 MLflow here): a column table (logged as an MLflow table artifact), the best job, a Markdown
 description for the parent run's page (the chart of the objective per job: tunelab.plots).
 """
@@ -9,11 +9,18 @@ from __future__ import annotations
 import math
 from typing import List, Optional
 
-from tunelab.commands.runs import key_params
-
 # Metrics of every job that the comparison table shows, besides the objective and the key params.
 _TABLE_METRICS = ("train.final_loss", "train.runtime_s")
 _EVAL_PREFIXES = ("finetuned.", "base.")
+# Params that say where things went, not what was computed: never "key params".
+_NOT_KEY = ("paths.", "tracking.", "cache.", "sweep.", "stage")
+
+
+def key_params(runs: List[dict], limit: int = 6) -> List[str]:
+    """The params whose values differ between the runs: what a comparison is about."""
+    names = sorted({name for run in runs for name in run["params"] if not name.startswith(_NOT_KEY)})
+    varying = [n for n in names if len({run["params"].get(n) for run in runs}) > 1]
+    return varying[:limit]
 
 
 def objective_value(job: dict) -> Optional[float]:

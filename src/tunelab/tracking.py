@@ -1,4 +1,5 @@
-"""The only module that imports mlflow. One MLflow run per pipeline execution, one parent run per sweep.
+"""One MLflow run per pipeline execution (a sweep's parent run: sweep_tracking.py, the only other
+module that imports mlflow), and reading runs back from the store.
 
 Stages write files; the pipeline hands each stage's result here, and this module decides what of
 it becomes params, metrics, tags and artifacts. A run always ends FINISHED, FAILED or KILLED:
@@ -32,7 +33,7 @@ def flatten(data, prefix: str = "") -> dict:
     return flat
 
 
-def _client(tracking_cfg):
+def client_for(tracking_cfg):
     """A client on the configured store, after marking runs of dead processes KILLED."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -43,7 +44,7 @@ def _client(tracking_cfg):
     return client
 
 
-def _experiment_id(client, tracking_cfg, name: Optional[str] = None) -> str:
+def experiment_id(client, tracking_cfg, name: Optional[str] = None) -> str:
     name = name or tracking_cfg.experiment
     experiment = client.get_experiment_by_name(name)
     if experiment:
@@ -67,7 +68,7 @@ def mark_stale_runs(client) -> List[str]:
     return stale
 
 
-def _origin_tags() -> dict:
+def origin_tags() -> dict:
     process, git = runstate.this_process(), git_state()
     tags = {"tunelab.host": process["host"], "tunelab.pid": process["pid"], "tunelab.pid_started": process["started"],
             "tunelab.git_commit": git["commit"], "tunelab.git_dirty": git["dirty"]}
@@ -131,9 +132,9 @@ class Tracker:
             return
         import mlflow
 
-        client = _client(self.cfg)
-        tags = {**tags, **_origin_tags(), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-        active = mlflow.start_run(experiment_id=_experiment_id(client, self.cfg), run_name=run_name, tags=tags)
+        client = client_for(self.cfg)
+        tags = {**tags, **origin_tags(), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        active = mlflow.start_run(experiment_id=experiment_id(client, self.cfg), run_name=run_name, tags=tags)
         self.run_id = active.info.run_id
         status = "FAILED"
         try:
@@ -240,75 +241,9 @@ class Tracker:
         mlflow.log_artifact(str(paths.evaluation_summary), "evaluate")
 
 
-# --- sweeps: a parent run per `tunelab -m ...`, the jobs nested under it (mlflow.parentRunId) ---
-
-def start_sweep_run(tracking_cfg, run_name: str, tags: dict) -> str:
-    client = _client(tracking_cfg)
-    run = client.create_run(_experiment_id(client, tracking_cfg), run_name=run_name,
-                            tags={**tags, **_origin_tags(), "tunelab.kind": "sweep"})
-    return run.info.run_id
-
-
-def finish_sweep_run(tracking_cfg, parent_run_id: str, interrupted: bool) -> List[dict]:
-    """End the parent run (FAILED if any job did not finish, KILLED if interrupted); returns the jobs."""
-    client = _client(tracking_cfg)
-    parent = client.get_run(parent_run_id)
-    jobs = [_summary(r) for r in _child_runs(client, parent)]
-    failed = [job for job in jobs if job["status"] != "FINISHED"]
-    try:
-        client.log_dict(parent_run_id, {"jobs": jobs}, "sweep_summary.json")
-        client.set_tag(parent_run_id, "tunelab.jobs", str(len(jobs)))
-        client.set_tag(parent_run_id, "tunelab.failed_jobs", str(len(failed)))
-        if jobs:
-            _log_sweep_results(client, parent, jobs, len(failed))
-    finally:  # whatever went wrong above, the parent run does not stay RUNNING
-        client.set_terminated(parent_run_id, status="KILLED" if interrupted else "FAILED" if failed else "FINISHED")
-    return jobs
-
-
-def _log_sweep_results(client, parent, jobs: List[dict], failed: int) -> None:
-    """The jobs compared on the parent run: table, best job (tags and metric), chart, description."""
-    from mlflow.entities import Metric
-
-    from tunelab import sweep_results
-
-    run_id, direction = parent.info.run_id, parent.data.tags.get("tunelab.objective_direction", "maximize")
-    table = sweep_results.comparison_table(jobs, direction)
-    client.log_table(run_id, table, "sweep/comparison.json")
-    client.log_figure(run_id, plots.sweep_objective_figure(table, direction), "plots/sweep_objective.png")
-    client.set_tag(run_id, "mlflow.note.content", sweep_results.description(table, direction, failed))
-    now = int(time.time() * 1000)
-    values = [Metric("sweep.objective", value, now, int(job)) for job, value in
-              zip(table["job"], table["objective_value"]) if value is not None and job.isdigit()]
-    client.log_batch(run_id, metrics=values)
-    best = sweep_results.best_job(jobs, direction)
-    if best is None:
-        return
-    objective = best["tags"]["tunelab.objective"]
-    client.log_metric(run_id, f"best.{objective}", sweep_results.objective_value(best))
-    for key, value in {"best_run_id": best["run_id"], "best_job": best["tags"].get("tunelab.sweep_job", ""),
-                       "best_config_hash": best["tags"].get("tunelab.config_hash", ""),
-                       "best_overrides": best["tags"].get("tunelab.overrides", ""), "objective": objective}.items():
-        client.set_tag(run_id, f"tunelab.{key}", value)
-
-
-def running_jobs(tracking_cfg, parent_run_id: str) -> dict:
-    """The sweep's child runs still RUNNING: run id -> the pid of the process running it."""
-    client = _client(tracking_cfg)
-    runs = _child_runs(client, client.get_run(parent_run_id), "and attributes.status = 'RUNNING'")
-    return {r.info.run_id: int(r.data.tags["tunelab.pid"]) for r in runs if r.data.tags.get("tunelab.pid", "").isdigit()}
-
-
-def _child_runs(client, parent, extra_filter: str = ""):
-    """The sweep's job runs (nested under `parent`), oldest first; extra_filter narrows them."""
-    return client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent.info.run_id}' {extra_filter}".strip(),
-                              order_by=["attributes.start_time ASC"], max_results=10000)
-
-
 # --- reading runs back (tunelab runs, tunelab reproduce) ---
 
-def _summary(run) -> dict:
+def run_summary(run) -> dict:
     return {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
             "start_time": run.info.start_time, "experiment_id": run.info.experiment_id,
             "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
@@ -316,29 +251,29 @@ def _summary(run) -> dict:
 
 def list_runs(tracking_cfg, experiment: str) -> List[dict]:
     """The runs of one experiment, newest first (stale RUNNING ones marked KILLED first)."""
-    client = _client(tracking_cfg)
+    client = client_for(tracking_cfg)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
     runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
-    return [_summary(r) for r in runs]
+    return [run_summary(r) for r in runs]
 
 
 def find_runs_by_hash(tracking_cfg, prefix: str) -> List[dict]:
     """Runs, in any experiment, whose config hash starts with prefix (a hex string), newest first."""
-    client = _client(tracking_cfg)
+    client = client_for(tracking_cfg)
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
     runs = client.search_runs(experiments, f"tags.`tunelab.config_hash` LIKE '{prefix}%'",
                               order_by=["attributes.start_time DESC"], max_results=5000)
-    return [_summary(r) for r in runs]
+    return [run_summary(r) for r in runs]
 
 
 def get_run(tracking_cfg, run_id: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    return _summary(MlflowClient(tracking_uri=tracking_cfg.uri).get_run(run_id))
+    return run_summary(MlflowClient(tracking_uri=tracking_cfg.uri).get_run(run_id))
 
 
 def read_artifact_text(tracking_cfg, run_id: str, artifact_path: str) -> str:

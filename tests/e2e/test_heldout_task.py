@@ -1,4 +1,4 @@
-"""The evaluate stage on a task other than the tweets (JSON extraction, conf/eval/json_extract.yaml)
+"""The evaluate stage on a task other than the tweets (JSON extraction, src/tunelab/conf/eval/json_extract.yaml)
 with the real SmolLM2-135M-Instruct GGUFs (f16 and q5_k_m, the base-model files every tweets run
 exports and caches), and every number of its report recomputed independently from the GGUF files
 with plain llama-cpp-python: create_chat_completion for the answers, the metrics by this file's own
@@ -43,7 +43,7 @@ def task_run(tmp_path_factory):
     cache = Path(os.environ.get("TUNELAB_CACHE", ROOT / ".cache/tunelab"))
     paths = RunPaths(tmp_path_factory.mktemp("json-task"), cache)
     model_cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"))))
+        OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "src/tunelab/conf/model/smollm2_135m.yaml"))))
     base_dir = resolve_model(model_cfg, paths)
     tokenizer = load_tokenizer(base_dir)
     template = template_from_config(OmegaConf.structured(TemplateConfig(name="native")), tokenizer)

@@ -31,7 +31,7 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
     assert cfg[group] is not None
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(compose_cfg, experiment):
     cfg = compose_cfg(f"experiment={experiment}")
     validate(cfg)
@@ -39,7 +39,7 @@ def test_every_experiment_composes_and_validates(compose_cfg, experiment):
 
 
 def test_every_experiment_file_starts_with_the_command_that_runs_it():
-    for path in (ROOT / "experiments").glob("*.yaml"):
+    for path in (CONF / "experiment").glob("*.yaml"):
         head = path.read_text().splitlines()[:4]
         assert head[0] == "# @package _global_"
         assert any(f"tunelab experiment={path.stem}" in line for line in head), path

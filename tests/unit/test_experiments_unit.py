@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from tunelab.commands.reproduce import ReproduceError, check_dataset, compare, recompose
-from tunelab.commands.runs import key_params, sort_runs
+from tunelab.commands.runs import sort_runs
+from tunelab.sweep_results import key_params
 from tunelab.config.checks import ConfigError, validate
 from tunelab.config.identity import config_hash
 from tunelab.data.sources import dataset_sha256

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 from reference_logits import answer_logprobs
 from tunelab.config.schema import ModelConfig, TemplateConfig
-from tunelab.eval.decode import run_rows
+from tunelab.eval.parallel import run_rows
 from tunelab.eval.generate import embedded_template, generate, load_gguf, prompt_ids
 from tunelab.eval.logits import AnswerScores, AnswerSequence, ReferenceLogprobs, answer_sequences, score_answers
 from tunelab.models.source import load_tokenizer, resolve_model

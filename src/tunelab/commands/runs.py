@@ -12,8 +12,7 @@ import math
 from datetime import datetime
 from typing import List
 
-# Params that say where things went, not what was computed: never "key params".
-_NOT_KEY = ("paths.", "tracking.", "cache.", "sweep.", "stage")
+from tunelab.sweep_results import key_params
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,13 +24,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=30, help="at most this many runs (default 30)")
     parser.add_argument("--all", action="store_true", help="include sweep parent runs")
     return parser
-
-
-def key_params(runs: List[dict], limit: int = 6) -> List[str]:
-    """The params whose values differ between the runs: what a comparison is about."""
-    names = sorted({name for run in runs for name in run["params"] if not name.startswith(_NOT_KEY)})
-    varying = [n for n in names if len({run["params"].get(n) for run in runs}) > 1]
-    return varying[:limit]
 
 
 def sort_runs(runs: List[dict], metric: str, ascending: bool) -> List[dict]:

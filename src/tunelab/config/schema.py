@@ -1,4 +1,8 @@
-"""Typed schema of every config group. Values live in conf/*.yaml; types live here.
+"""Typed schema of every config group. Values live in conf/*.yaml; types and defaults live here.
+
+The defaults here are the values of the default options (conf/config.yaml's defaults list): a file
+of one's own that leaves a key out gets what tunelab's default option has (tests/unit/test_defaults.py
+fails if they drift).
 
 The root `Config` is stored in Hydra's ConfigStore as `base_config` and is the first entry of
 conf/config.yaml's defaults list, so every group's YAML is merged into a typed node: a typo or a
@@ -147,14 +151,14 @@ class QuantizationConfig:
     max_drop: float = 0.05
     # Also flagged: a mean KL divergence of its next-token distribution from the reference's, on the
     # reference answers, above this (null: no KL floor; not checked when eval.logit_metrics=false).
-    max_kl: Optional[float] = None
+    max_kl: Optional[float] = 0.25
 
 
 @dataclass
 class TrainingConfig:
     # auto: Unsloth on a CUDA GPU when it imports, else hf; hf: TRL + PEFT; unsloth: Unsloth (CUDA)
     backend: str = "auto"
-    epochs: float = 1.0
+    epochs: float = 2.0
     max_steps: int = -1
     batch_size: int = 8
     gradient_accumulation_steps: int = 1

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import List, Sequence
 
-from tunelab.eval.decode import run_rows
+from tunelab.eval.parallel import run_rows
 from tunelab.eval.metrics import Generation
 from tunelab.templates.chat import ChatTemplate, Message
 

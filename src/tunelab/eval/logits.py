@@ -20,7 +20,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from tunelab.eval.decode import common_prefix, run_rows
+from tunelab.eval.decode import common_prefix
+from tunelab.eval.parallel import run_rows
 from tunelab.eval.generate import prompt_ids, tokenize
 from tunelab.templates.chat import ChatTemplate
 

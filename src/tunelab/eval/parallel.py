@@ -184,3 +184,28 @@ class _Together:
         self.free.append(decoder)
         if self.progress:
             self.progress()
+
+
+def run_rows(llm, prompts: Optional[List[List[int]]], sequences, max_new_tokens: int, stops: Sequence[str],
+             on_logits=None, progress=None, parallel_rows: int = 1):
+    """Greedy answers to `prompts` (None: no generation) and, for each of `sequences` (AnswerSequence;
+    None: no logit pass), the raw logits at its answer positions, passed to on_logits(row index, array
+    of shape (answer tokens, vocabulary)). Up to `parallel_rows` rows take their greedy steps
+    together where that changes no logit (run_together). Returns ([Completion or None per
+    row], Timing)."""
+    n_ctx, timing = llm.n_ctx(), Timing()
+    count = len(prompts) if prompts is not None else len(sequences)
+    if prompts is not None and parallel_rows > 1 and count > 1:
+        together = run_together(llm, prompts, sequences, max_new_tokens, stops, on_logits, progress,
+                                min(parallel_rows, count), timing)
+        if together is not None:
+            return together, timing
+    decoder, completions = Decoder(llm, stops), []
+    try:
+        for index in range(count):
+            completions.append(alone(decoder, index, prompts, sequences, max_new_tokens, n_ctx, on_logits, timing))
+            if progress:
+                progress()
+    finally:
+        decoder.close()
+    return completions, timing

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from tunelab.config.checks import ConfigError
+from tunelab.config.errors import ConfigError
 from tunelab.training import checkpoints
 from tunelab.training.callbacks import curve_metrics, say
 
