@@ -13,7 +13,9 @@ Contenders, each in its own process (Unsloth patches transformers globally on im
   unsloth / hf: a minimal plain loop with Unsloth alone / transformers + PEFT alone.
 All train LoRA r=16 on the 7 linear layers of a random-init Llama of the named shape, on the same
 seeded random token batches. Columns: tokens/s (median step after warm-up), peak GPU memory,
-LoRA-MFU = (4N + 6 x LoRA params + attention) FLOPs per token x tokens/s / 790 TFLOP/s, and ratios.
+LoRA-MFU = (4N + 6 x LoRA params + attention) FLOPs per token x tokens/s, against the bf16 matrix
+product rate measured on this card in the same run and against the card's datasheet dense bf16 peak
+(benchmarks/gpu_peaks.py), and ratios.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Tuple
 
-PEAK_FLOPS = 790e12  # bf16 dense matmul measured on the H100 (platform notes)
 SHAPES = {  # Llama 3 vocabulary size; 1B ties embeddings like Llama-3.2-1B
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
@@ -215,7 +216,7 @@ def worker(args) -> dict:
     lora = lora_param_count(model)
     flops = flops_per_token(SHAPES[args.shape], args.seq, lora)
     return {"contender": args.label, "tokens_per_s": tokens_per_s, "step_s": step,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "mfu": flops * tokens_per_s / PEAK_FLOPS,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "flops_per_s": flops * tokens_per_s,
             "gflop_per_token": flops / 1e9, "lora_params": lora, "checkpointing": plan["gradient_checkpointing"],
             "plan": plan, "micro_batch": args.micro_batch or args.batch}
 
@@ -279,26 +280,33 @@ def spawn(spec: str, args, probe: bool = False) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def table(results, args) -> str:
+def mfu(result: dict, peak_tflops) -> str:
+    return f"{result['flops_per_s'] / (peak_tflops * 1e12):.1%}" if peak_tflops else "n/a"
+
+
+def table(results, args, card: dict) -> str:
     ok = {r["contender"]: r for r in results if "error" not in r and "tokens_per_s" in r}
     hf, unsloth = ok.get("hf"), ok.get("unsloth")
     head = (f"shape {args.shape}{' QLoRA 4-bit' if args.qlora else ' LoRA 16-bit'}, {args.batch} x {args.seq} tokens "
             f"per optimizer step (mb=N: micro-batches of N, gradient accumulation), gradient checkpointing "
-            f"{args.gc} unless named, median of {args.steps} steps after {args.warmup} warm-up")
+            f"{args.gc} unless named, median of {args.steps} steps after {args.warmup} warm-up; {card['device']}: "
+            f"bf16 matmul measured {card['measured_tflops']:.1f} TFLOP/s, datasheet "
+            f"{card['datasheet_tflops'] or 'unknown'} TFLOP/s")
     with_seq = args.max_seq or args.max_seq_only
-    rows = [head, "", "| contender | checkpointing | tokens/s | peak GiB | LoRA-MFU | vs hf tokens/s | vs hf memory | "
-            "vs unsloth tokens/s |" + (" max seq (batch 1) |" if with_seq else ""),
-            "|---|---|---|---|---|---|---|---|" + ("---|" if with_seq else "")]
+    rows = [head, "", "| contender | checkpointing | tokens/s | peak GiB | LoRA-MFU (measured peak) | "
+            "LoRA-MFU (datasheet) | vs hf tokens/s | vs hf memory | vs unsloth tokens/s |"
+            + (" max seq (batch 1) |" if with_seq else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_seq else "")]
     for r in results:
         seq = f" {r.get('max_seq', 'n/a')} |" if with_seq else ""
         if "error" in r:
-            rows.append(f"| {r['contender']} | | failed: {r['error'][-80:]!r} | | | | | |{seq}")
+            rows.append(f"| {r['contender']} | | failed: {r['error'][-80:]!r} | | | | | | |{seq}")
         elif "tokens_per_s" not in r:
-            rows.append(f"| {r['contender']} | {r['checkpointing']} | | | | | | |{seq}")
+            rows.append(f"| {r['contender']} | {r['checkpointing']} | | | | | | | |{seq}")
         else:
             ratio = lambda b, key: f"{r[key] / b[key]:.2f}x" if b else "n/a"  # noqa: E731
             rows.append(f"| {r['contender']} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
-                        f"{r['mfu']:.1%} | {ratio(hf, 'tokens_per_s')} | {ratio(hf, 'peak_gib')} | "
+                        f"{mfu(r, card['measured_tflops'])} | {mfu(r, card['datasheet_tflops'])} | {ratio(hf, 'tokens_per_s')} | {ratio(hf, 'peak_gib')} | "
                         f"{ratio(unsloth, 'tokens_per_s')} |{seq}")
     return "\n".join(rows)
 
@@ -327,6 +335,9 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(probe_max_seq(args) if args.probe else worker(args)), flush=True)
         return 0
+    from gpu_peaks import peaks
+
+    card = peaks()  # in this process, before any contender's: the card's reachable rate, then its datasheet's
     results = []
     for contender in args.contenders.split(","):
         result = {"contender": contender} if args.max_seq_only else spawn(contender, args)
@@ -338,7 +349,7 @@ def main() -> int:
         print(json.dumps(result), file=sys.stderr, flush=True)
         if args.json:  # after every contender, so a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=2))
-    print(table(results, args))
+    print(table(results, args, card))
     return 0 if all("error" not in r for r in results) else 1
 
 
