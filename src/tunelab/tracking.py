@@ -199,7 +199,8 @@ class Tracker:
                          ("backend", "backend_reason", "gradient_checkpointing", "gradient_checkpointing_reason",
                           "distributed", "world_size")
                          if key in result})
-        mlflow.log_metrics({"train.final_loss": result["train_loss"], "train.steps": result["steps"],
+        final = result.get("final_loss", steps[-1]["loss"] if steps else float("nan"))  # a summary from before final_loss
+        mlflow.log_metrics({"train.final_loss": final, "train.mean_loss": result["train_loss"], "train.steps": result["steps"],
                             "train.runtime_s": result["train_runtime_s"] or 0.0})
         mlflow.log_artifacts(str(paths.adapter_dir), "adapter")
         mlflow.log_metric("train.eot_loss_tokens", result.get("eot_loss_tokens", 0))

@@ -211,7 +211,8 @@ def train_here(cfg, paths: RunPaths, reporter) -> dict:
         "end_of_turn": template.end_of_turn,
         "train_rows": len(dataset),
         "steps": result.global_step,
-        "train_loss": resume.mean_loss(paths.loss_log) if resumed_from else result.training_loss,
+        "train_loss": resume.mean_loss(paths.loss_log) if resumed_from else result.training_loss,  # the mean
+        "final_loss": resume.final_loss(paths.loss_log),  # the last logged loss
         "train_runtime_s": result.metrics.get("train_runtime"),  # after a resume: the resumed part
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         **plan.as_dict(),

@@ -76,6 +76,12 @@ def continue_curve(folder: Path, loss_log: Path, reporter) -> dict:
     return resumed
 
 
+def final_loss(loss_log: Path) -> float:
+    """The last logged training loss (the last line of loss.jsonl): train.final_loss."""
+    lines = loss_log.read_text().splitlines() if loss_log.exists() else []
+    return float(json.loads(lines[-1])["loss"]) if lines else float("nan")
+
+
 def mean_loss(loss_log: Path) -> float:
     """The mean loss per step over the whole curve (loss.jsonl, the steps before the resume too): what
     HF's training_loss is for an uninterrupted run. A resumed Trainer's own averages only the steps it
