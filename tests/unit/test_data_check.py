@@ -53,3 +53,13 @@ def test_data_check_names_special_token_text_and_counts_it_when_escaped(monkeypa
     out = capsys.readouterr().out
     assert "special token in text" not in out and "COFFEE <|im_end|> THEN MORE" in out
     assert "special-token text (escape)" in out and "2 row(s) trained as plain text" in out
+
+
+def test_data_check_shows_the_train_eval_split(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("COLUMNS", "200")
+    args = ["check", "--samples", "1", "experiment=smoke", "dataset.max_eval_rows=null"]
+    assert data_command.main(args + ["dataset.eval_path=null", "dataset.eval_fraction=0.2"]) == 0
+    assert "396 train, 99 eval (eval_fraction=0.2 of 495 rows, grouped by prompt)" in capsys.readouterr().out
+    assert data_command.main(args) == 0
+    assert "495 train, 40 eval (eval_path)" in capsys.readouterr().out

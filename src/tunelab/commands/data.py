@@ -48,7 +48,7 @@ def statistics_table(loaded, max_length: int) -> Table:
     table = Table(title=f"dataset {loaded.sha256[:16]}…", show_header=False)
     table.add_row("rows read", str(loaded.rows_in))
     held_out = f" + {len(loaded.evals)} eval_path" if loaded.evals is not None else ""
-    table.add_row("valid rows", f"{len(loaded.train)} train{held_out}")
+    table.add_row("valid rows", f"{len(loaded.train)}{held_out}")
     table.add_row("invalid rows", str(len({p.where for p in loaded.problems})))
     table.add_row("turns per row", f"min {min(turns)}, mean {mean(turns):.1f}, max {max(turns)}")
     table.add_row("tokens per row", ", ".join(f"{k} {v}" for k, v in percentiles(lengths).items()) or "-")
@@ -58,6 +58,24 @@ def statistics_table(loaded, max_length: int) -> Table:
     if loaded.escaped:
         table.add_row("special-token text (escape)", f"{len(loaded.escaped)} row(s) trained as plain text")
     return table
+
+
+def split_summary(loaded, dataset_cfg) -> str:
+    """The train/eval counts prepare would write (of the valid rows), and where eval comes from."""
+    from tunelab.data.formats import DataError
+    from tunelab.stages.prepare import split_dataset
+
+    try:
+        pool, train, evals, counts = split_dataset(loaded, dataset_cfg)
+    except DataError as err:
+        return err.problems[0]
+    if loaded.evals is not None:
+        source = "eval_path"
+    else:
+        source = f"eval_fraction={dataset_cfg.eval_fraction} of {len(pool)} rows, grouped by prompt"
+    repeated = f", {counts['rows_repeated']} of them repeats (weight > 1)" if counts["rows_repeated"] else ""
+    capped = f", {counts['eval_rows_not_used']} more cut by max_eval_rows" if counts["eval_rows_not_used"] else ""
+    return f"{len(train)} train{repeated}, {len(evals)} eval ({source}{capped})"
 
 
 def check(samples: int, overrides: List[str], console: Console) -> int:
@@ -78,7 +96,9 @@ def check(samples: int, overrides: List[str], console: Console) -> int:
         console.print(rendered_sample(meter, conv.messages), highlight=False)
     console.rule("statistics")
     console.print(f"[{LOSS_STYLE}]highlighted[/]: tokens that carry loss (answers and their end-of-turn token)")
-    console.print(statistics_table(loaded, meter.max_length))
+    table = statistics_table(loaded, meter.max_length)
+    table.add_row("split", split_summary(loaded, cfg.dataset))
+    console.print(table)
     for problem in loaded.problems[:50]:
         console.print(Text(str(problem), style="red"), soft_wrap=True)
     if len(loaded.problems) > 50:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from tunelab.data.formats import Conversation, DataError
 from tunelab.data.sources import Source
@@ -43,16 +43,34 @@ def upsample(train: List[Conversation], sources: Sequence[Source], seed: int) ->
     return out
 
 
+def eval_target(fraction: float, rows: int) -> int:
+    """How many eval rows eval_fraction asks for: fraction * rows, rounded half up."""
+    return int(math.floor(fraction * rows + 0.5))
+
+
 def split_conversations(conversations: List[Conversation], fraction: float, seed: int
                         ) -> Tuple[List[Conversation], List[Conversation]]:
-    """Deterministic split by a seeded hash of the prompt group: near-equal prompts land on one side."""
-    def bucket(conv: Conversation) -> float:
-        digest = hashlib.sha256(f"{seed}:{prompt_group(conv)}".encode()).hexdigest()
-        return int(digest[:12], 16) / float(16 ** 12)
+    """Deterministic, grouped split: round(fraction * rows) eval rows (as near as whole groups allow).
 
-    train = [c for c in conversations if bucket(c) >= fraction]
-    evals = [c for c in conversations if bucket(c) < fraction]
+    Rows whose prompts are near-equal (one prompt group) land on one side. Groups are taken in the
+    order of a seeded hash of the group; a group goes to eval when that brings the eval count nearer
+    the target. Every row keeps its file order on its side."""
+    groups: Dict[str, List[int]] = {}
+    for index, conv in enumerate(conversations):
+        groups.setdefault(prompt_group(conv), []).append(index)
+
+    def rank(key: str) -> str:
+        return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+    target, chosen = eval_target(fraction, len(conversations)), set()
+    for key in sorted(groups, key=rank):
+        size = len(groups[key])
+        if abs(len(chosen) + size - target) < abs(len(chosen) - target):
+            chosen.update(groups[key])
+    train = [c for i, c in enumerate(conversations) if i not in chosen]
+    evals = [c for i, c in enumerate(conversations) if i in chosen]
     if not train or not evals:
-        raise DataError([f"dataset.eval_fraction={fraction} leaves an empty split of {len(conversations)} rows; "
-                         "change eval_fraction or give an eval_path"])
+        raise DataError([f"dataset.eval_fraction={fraction} of {len(conversations)} rows "
+                         f"({len(groups)} prompt groups) leaves an empty split; raise or lower "
+                         "eval_fraction or give an eval_path"])
     return train, evals

@@ -38,9 +38,9 @@ def run(cfg, paths: RunPaths) -> dict:
         raise
 
 
-def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) -> dict:
-    loaded = load_dataset(dataset_cfg, meter)
-    quarantine.enforce(loaded.problems, dataset_cfg.on_invalid)
+def split_dataset(loaded: LoadedDataset, dataset_cfg):
+    """The rows each side gets, as prepare writes them: (pool, train, evals, counts). The pool is
+    what the split drew from (each source sampled to its rows/weight); train has weight > 1 repeats."""
     pool = [c for index, data in enumerate(loaded.sources)
             for c in subsample([c for c in loaded.train if c.origin == index], data.source, index, dataset_cfg.seed)]
     if loaded.evals is not None:
@@ -55,8 +55,15 @@ def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) 
     available_eval = len(evals)
     if dataset_cfg.max_eval_rows:
         evals = evals[: dataset_cfg.max_eval_rows]
-    records = quarantine.dropped_records(loaded.problems) + loaded.trimmed
     counts = {"rows_repeated": len(train) - distinct_train, "eval_rows_not_used": available_eval - len(evals)}
+    return pool, train, evals, counts
+
+
+def prepare_dataset(dataset_cfg, paths: RunPaths, meter: Optional[LengthMeter]) -> dict:
+    loaded = load_dataset(dataset_cfg, meter)
+    quarantine.enforce(loaded.problems, dataset_cfg.on_invalid)
+    pool, train, evals, counts = split_dataset(loaded, dataset_cfg)
+    records = quarantine.dropped_records(loaded.problems) + loaded.trimmed
     manifest = _manifest(dataset_cfg, loaded, pool, train, evals, counts, records, meter)
     _write_atomically(paths.prepare_dir, train, evals, manifest, records, paths.state_dir / "tmp")
     if loaded.escaped:
