@@ -2,6 +2,8 @@
 
 Canonical JSON (sorted keys) of the resolved config, without the fields that do not change the
 result (where outputs go, tracking, caching, which stage runs, how often to log), plus the dataset's content hash.
+A dataset file or folder is identified by its content, not by how its path is spelled: its paths are
+left out (a hub id is kept: it is the identity).
 """
 from __future__ import annotations
 
@@ -49,6 +51,20 @@ def combine_digests(digests: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+# Stands for a local dataset path in the identity: the bytes there are in the dataset's content hash.
+BY_CONTENT = "<by content: dataset_sha256>"
+
+
+def _paths_by_content(dataset: dict) -> None:
+    """dataset.path, dataset.eval_path and dataset.sources[*].path of local files or folders become
+    BY_CONTENT (whether one is set stays visible); a hub dataset's path is its id and stays."""
+    named = [(dataset, "path"), (dataset, "eval_path")]  # eval_path is read with the top-level format
+    named += [(source, "path") for source in dataset.get("sources") or [] if isinstance(source, dict)]
+    for node, key in named:
+        if node.get("format") != "hub" and node.get(key) is not None:
+            node[key] = BY_CONTENT
+
+
 def identity_dict(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED_KEYS:
@@ -56,6 +72,8 @@ def identity_dict(cfg: DictConfig) -> dict:
     for section, key in IGNORED_FIELDS + _single_process_fields(data):
         if isinstance(data.get(section), dict):
             data[section].pop(key, None)
+    if isinstance(data.get("dataset"), dict):
+        _paths_by_content(data["dataset"])
     return data
 
 
