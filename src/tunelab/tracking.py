@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab import plots, runstate
 from tunelab.paths import RunPaths
-from tunelab.provenance import git_state, package_versions
+from tunelab.provenance import dataset_files, git_state, package_versions
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -68,8 +68,8 @@ def mark_stale_runs(client) -> List[str]:
     return stale
 
 
-def origin_tags() -> dict:
-    process, git = runstate.this_process(), git_state()
+def origin_tags(cfg=None) -> dict:
+    process, git = runstate.this_process(), git_state(dataset_files(cfg))
     tags = {"tunelab.host": process["host"], "tunelab.pid": process["pid"], "tunelab.pid_started": process["started"],
             "tunelab.git_commit": git["commit"], "tunelab.git_dirty": git["dirty"]}
     tags.update({f"tunelab.version.{name}": version for name, version in package_versions().items()})
@@ -133,7 +133,7 @@ class Tracker:
         import mlflow
 
         client = client_for(self.cfg)
-        tags = {**tags, **origin_tags(), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        tags = {**tags, **origin_tags(cfg), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
         active = mlflow.start_run(experiment_id=experiment_id(client, self.cfg), run_name=run_name, tags=tags)
         self.run_id = active.info.run_id
         status = "FAILED"
