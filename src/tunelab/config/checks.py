@@ -1,11 +1,12 @@
 """Cross-field rules, one small function each. `validate` reports every problem at once."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Callable, List
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config.distributed import check_distributed
 from tunelab.config.errors import ConfigError  # noqa: F401  (callers import it from here too)
@@ -24,12 +25,57 @@ MODEL_SOURCES = ("package_gguf", "local", "hub", "tiny")
 BACKENDS = ("hf", "unsloth", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTING = ("auto", "on", "off", "unsloth")
+# HF schedulers that need no scheduler arguments (training.lr_scheduler passes none).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+TINY_TOKENIZERS = ("smollm2", "llama3")
+# Sections whose every number must be finite (nan and inf compose as floats, then fail late or silently).
+NUMERIC_SECTIONS = ("dataset", "model", "lora", "quantization", "training", "eval")
+# key -> (holds for a valid value, what a valid value is). None passes where the schema allows null.
+RANGES = {
+    "lora.alpha": (lambda v: v > 0, "must be > 0: the adapter's update is scaled by alpha / r, so 0 trains "
+                                    "an adapter that changes nothing"),
+    "training.warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1): the fraction of the steps that warm "
+                                                    "the learning rate up (0: no warmup)"),
+    "training.weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "training.max_steps": (lambda v: v == -1 or v >= 1, "must be -1 (train for training.epochs) or >= 1"),
+    "training.seed": (lambda v: 0 <= v < 2 ** 32, "must be in [0, 2**32)"),
+    "training.threads": (lambda v: v >= 1, "must be >= 1 or null (null: torch's default)"),
+    "eval.threads": (lambda v: v >= 1, "must be >= 1 or null (null: every core)"),
+    "eval.samples_to_log": (lambda v: v >= 0, "must be >= 0"),
+    "quantization.max_drop": (lambda v: v >= 0, "must be >= 0"),
+}
 
 
 def _choice(key: str, value, allowed) -> List[str]:
     if value not in allowed:
         return [f"{key}={value!r} is not one of {', '.join(map(str, allowed))}"]
     return []
+
+
+def check_ranges(cfg) -> List[str]:
+    problems = []
+    for key, (holds, wanted) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        finite = not isinstance(value, float) or math.isfinite(value)  # check_finite names the others
+        if value is not None and finite and not holds(value):
+            problems.append(f"{key}={value!r} {wanted}")
+    return problems
+
+
+def check_finite(cfg) -> List[str]:
+    """Every float of the computing sections is a finite number (nan passes every `<` check)."""
+    def walk(key: str, node) -> List[str]:
+        if isinstance(node, dict):
+            return [p for k, v in node.items() for p in walk(f"{key}.{k}", v)]
+        if isinstance(node, list):
+            return [p for i, v in enumerate(node) for p in walk(f"{key}[{i}]", v)]
+        if isinstance(node, float) and not math.isfinite(node):
+            return [f"{key}={node} must be a finite number"]
+        return []
+
+    return [p for section in NUMERIC_SECTIONS if section in cfg
+            for p in walk(section, OmegaConf.to_container(cfg[section], resolve=True))]
 
 
 def check_stage(cfg) -> List[str]:
@@ -90,7 +136,29 @@ def check_model(cfg) -> List[str]:
         if not m[key]:
             problems.append(f"model.{key} is required when model.source={m.source}")
     if m.source == "local" and m.path and not Path(m.path).is_dir():
-        problems.append(f"model.path={m.path!r}: no such folder")
+        what = "is a file, not a folder" if Path(m.path).exists() else f"no such folder (relative to {Path.cwd()})"
+        problems.append(f"model.path={m.path!r}: {what}; point it at a folder of safetensors and config.json")
+    if m.source == "tiny":
+        problems += check_tiny_model(m.tiny, cfg.training.max_seq_length)
+    return problems
+
+
+def check_tiny_model(t, max_seq_length: int) -> List[str]:
+    problems = _choice("model.tiny.tokenizer", t.tokenizer, TINY_TOKENIZERS)
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings")
+    problems += [f"model.tiny.{key}={t[key]} must be >= 1" for key in sizes if t[key] < 1]
+    if problems:
+        return problems
+    if t.hidden_size % t.num_attention_heads:
+        problems.append(f"model.tiny.hidden_size={t.hidden_size} must be a multiple of "
+                        f"model.tiny.num_attention_heads={t.num_attention_heads}")
+    if t.num_attention_heads % t.num_key_value_heads:
+        problems.append(f"model.tiny.num_attention_heads={t.num_attention_heads} must be a multiple of "
+                        f"model.tiny.num_key_value_heads={t.num_key_value_heads}")
+    if t.max_position_embeddings < max_seq_length:
+        problems.append(f"model.tiny.max_position_embeddings={t.max_position_embeddings} is below "
+                        f"training.max_seq_length={max_seq_length}: raise it or lower max_seq_length")
     return problems
 
 
@@ -100,6 +168,11 @@ def check_lora(cfg) -> List[str]:
         problems.append(f"lora.r={cfg.lora.r} must be >= 1")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         problems.append(f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    targets = cfg.lora.target_modules
+    if not (targets == "all-linear" or (OmegaConf.is_list(targets) and len(targets) > 0
+                                        and all(isinstance(t, str) and t for t in targets))):
+        problems.append(f"lora.target_modules={targets!r} must be all-linear or a list of module names, "
+                        "e.g. [q_proj, v_proj]")
     return problems
 
 
@@ -110,8 +183,8 @@ def check_quantization(cfg) -> List[str]:
         problems.append("quantization.types is empty: name at least one type, e.g. [f16]")
     if q.ship not in q.types:
         problems.append(f"quantization.ship={q.ship!r} is not in quantization.types={list(q.types)}")
-    if q.max_drop < 0:
-        problems.append(f"quantization.max_drop={q.max_drop} must be >= 0")
+    if len(set(q.types)) < len(q.types):
+        problems.append(f"quantization.types={list(q.types)} names a type twice")
     if q.max_kl is not None and q.max_kl < 0:
         problems.append(f"quantization.max_kl={q.max_kl} must be >= 0 or null")
     return problems
@@ -122,6 +195,7 @@ def check_training(cfg) -> List[str]:
     problems = _choice("training.backend", t.backend, BACKENDS)
     problems += _choice("training.precision", t.precision, PRECISIONS)
     problems += _choice("training.gradient_checkpointing", t.gradient_checkpointing, CHECKPOINTING)
+    problems += _choice("training.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     for key in ("batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
         if t[key] < 1:
             problems.append(f"training.{key}={t[key]} must be >= 1")
@@ -160,6 +234,9 @@ def check_eval(cfg) -> List[str]:
     if e.max_new_tokens < 1:
         problems.append(f"eval.max_new_tokens={e.max_new_tokens} must be >= 1")
     problems += gpu_layers_problems(e.gpu_layers)
+    if e.n_ctx <= e.max_new_tokens:
+        problems.append(f"eval.n_ctx={e.n_ctx} leaves no room for a prompt before eval.max_new_tokens="
+                        f"{e.max_new_tokens} answer tokens: raise n_ctx")
     if e.parallel_rows < 1:
         problems.append(f"eval.parallel_rows={e.parallel_rows} must be >= 1 (1: rows one at a time)")
     if e.temperature != 0:
@@ -205,8 +282,8 @@ def check_paths(cfg) -> List[str]:
 
 
 CHECKS: List[Callable[[DictConfig], List[str]]] = [
-    check_stage, check_paths, check_dataset, check_dataset_sources, check_model, check_lora, check_quantization, check_training,
-    check_distributed, check_eval, check_template, check_sweep,
+    check_finite, check_ranges, check_stage, check_paths, check_dataset, check_dataset_sources, check_model,
+    check_lora, check_quantization, check_training, check_distributed, check_eval, check_template, check_sweep,
 ]
 
 
