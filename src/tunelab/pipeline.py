@@ -17,6 +17,7 @@ from tunelab.cache import MODEL_INPUT, CacheCorruption, StageCache, model_digest
 from tunelab.config.identity import config_hash, file_sha256
 from tunelab.data.sources import dataset_sha256
 from tunelab.eval.report import metric_columns, report_rows
+from tunelab.export.llama_cpp import log_llama_cpp_to
 from tunelab.paths import RunPaths
 from tunelab.records import StageRecord
 from tunelab.stages import evaluate, export, prepare, train
@@ -49,6 +50,7 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
     if lock.took_over:
         console.print(f"[yellow]took over the lock of {paths.run_dir}[/]: its holder "
                       f"({rundir.describe_holder(lock.took_over)}) is no longer running")
+    log_llama_cpp_to(paths.state_dir / "logs" / "llama_cpp.log")  # model loads' native log lines
     try:
         start = None if sweep_job else _start(cfg, paths, stages, results)
         with tracker.run(cfg, tags, run_name=cfg.name, parent_run_id=parent_run_id):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from tunelab.eval.parallel import run_rows
+from tunelab.export.llama_cpp import quiet_llama
 from tunelab.eval.metrics import Generation
 from tunelab.templates.chat import ChatTemplate, Message
 
@@ -25,8 +26,9 @@ def load_gguf(path: Path, n_ctx: int, threads=None, gpu_layers: int = 0):
     # every core there, and its spinning threads crawl on a machine that is busy with other work.
     # chat_format names the GGUF's own template: without it llama-cpp-python may swap in a built-in
     # format it guesses from the template's text, which is not what the parity gate checked.
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 n_gpu_layers=gpu_layers, seed=0, verbose=False, chat_format="chat_template.default")
+    with quiet_llama(f"loading {path}"):
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                     n_gpu_layers=gpu_layers, seed=0, verbose=False, chat_format="chat_template.default")
 
 
 def embedded_template(llm, path: Path) -> ChatTemplate:

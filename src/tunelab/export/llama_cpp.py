@@ -12,8 +12,10 @@ import shutil
 import sys
 import tarfile
 import tempfile
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
+from typing import Optional, Tuple
 
 from tunelab.procs import run_child
 
@@ -73,6 +75,12 @@ def ensure_converter(cache_root: Path) -> Path:
     if script.is_file():
         return script
     cache_root.mkdir(parents=True, exist_ok=True)
+    local = os.environ.get("TUNELAB_LLAMA_CPP_SDIST")
+    origin = (f"from $TUNELAB_LLAMA_CPP_SDIST={local}" if local else
+              f"from the llama-cpp-python=={version} source archive on the package index (once; offline: "
+              "set TUNELAB_LLAMA_CPP_SDIST to a local copy)")
+    print(f"tunelab: fetching llama.cpp's converter {origin} into {root}", file=sys.stderr, flush=True)
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
         archive = download_sdist(version, Path(tmp))
         staging = Path(tmp) / "llama.cpp"
@@ -87,6 +95,7 @@ def ensure_converter(cache_root: Path) -> Path:
         if root.exists():
             shutil.rmtree(root)
         os.replace(staging, root)
+    print(f"tunelab: llama.cpp's converter is in {root} ({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
     return script
 
 
@@ -116,21 +125,54 @@ def convert(hf_dir: Path, out_path: Path, outtype: str, cache_root: Path) -> Pat
 
 
 @contextmanager
-def native_output_to(log_path: Path):
+def native_output_to(log_path: Path, fds: Tuple[int, ...] = (1, 2)):
     """Send what C code prints (llama.cpp's per-tensor log) to a file instead of the terminal."""
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
+    saved = [os.dup(fd) for fd in fds]
     with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+        for fd in fds:
+            os.dup2(log.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
+            sys.stderr.flush()
+            for fd, kept in zip(fds, saved):
+                os.dup2(kept, fd)
+                os.close(kept)
+
+
+# Where llama.cpp's log lines go while a model loads (quiet_llama): the run's log once a stage names
+# it (log_llama_cpp_to), else one file per process in the temp folder.
+_llama_log: Optional[Path] = None
+
+
+def log_llama_cpp_to(path: Path) -> None:
+    global _llama_log
+    _llama_log = Path(path)
+
+
+def llama_cpp_log() -> Path:
+    return _llama_log or Path(tempfile.gettempdir()) / f"tunelab-llama.cpp.{os.getpid()}.log"
+
+
+@contextmanager
+def quiet_llama(what: str):
+    """llama.cpp's stderr lines while `what` runs (a model load's "n_ctx_seq (512) > n_ctx_train (0)"
+    and the like) go to llama_cpp_log(); when it fails, those lines are shown with the error."""
+    log = llama_cpp_log()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = log.stat().st_size if log.exists() else 0
+    try:  # both: llama-cpp-python's log callback prints to sys.stderr, C code writes to fd 2
+        with native_output_to(log, fds=(2,)), open(log, "a", encoding="utf-8") as text, redirect_stderr(text):
+            yield
+    except BaseException:
+        with open(log, "rb") as handle:
+            handle.seek(start)
+            lines = handle.read().decode("utf-8", "replace").strip()
+        if lines:
+            print(f"tunelab: llama.cpp's log while {what} ({log}):\n{lines[-3000:]}", file=sys.stderr, flush=True)
+        raise
 
 
 def quantize(src: Path, out_path: Path, quant: str, threads: int = 0) -> Path:

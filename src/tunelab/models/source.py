@@ -107,7 +107,10 @@ PARITY_TEXT = ("Hello world! 3.14159 topics: <|im_start|>user\nTHE TOPIC IS: Rap
 def _check_parity(tokenizer, path: Path) -> None:
     from llama_cpp import Llama
 
-    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    from tunelab.export.llama_cpp import quiet_llama
+
+    with quiet_llama(f"loading the vocabulary of {path}"):
+        vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
     theirs = vocab.tokenize(PARITY_TEXT.encode(), add_bos=False, special=True)
     ours = tokenizer(PARITY_TEXT, add_special_tokens=False)["input_ids"]
     if list(theirs) != list(ours):

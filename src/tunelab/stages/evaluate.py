@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -146,8 +147,12 @@ def run(cfg, paths: RunPaths) -> dict:
                 for quant, info in _ordered(manifest[variant]):
                     task = progress.add_task(f"{variant} {quant}", total=len(conversations))
                     scorer = logits.scorer(variant, quant, quant == reference) if logits else None
+                    started = time.monotonic()
                     scores, gens, speed = evaluate_gguf(cfg, checked_gguf(info, f"the {variant} {quant} GGUF"), conversations,
                                                         metric_fns, scorer, lambda: progress.advance(task))
+                    if not progress.console.is_terminal:  # no live bars in a log file: a line per GGUF
+                        progress.console.print(f"evaluated {variant} {quant}: {len(conversations)} rows in "
+                                               f"{time.monotonic() - started:.1f} s", highlight=False)
                     results.setdefault(variant, {})[quant] = scores
                     speeds.setdefault(variant, {})[quant] = speed.as_dict()
                     samples += [{"variant": variant, "quant": quant, **asdict(g)} for g in gens]

@@ -91,8 +91,11 @@ class GGUFVocab:
     def __init__(self, path: Path):
         import llama_cpp
 
+        from tunelab.export.llama_cpp import quiet_llama
+
         self._lib = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        with quiet_llama(f"loading the vocabulary of {path}"):
+            self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         self.vocab = self.llm._model.vocab
         self.bos_id, self.eos_id = self.llm.token_bos(), self.llm.token_eos()
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
