@@ -94,3 +94,12 @@ def test_help_lists_the_projects_options_beside_tunelabs(project):
     line = next(line for line in out.splitlines() if line.startswith("experiment:"))
     assert {"mine", "smoke", "tweets"} <= set(line.split(":", 1)[1].replace(",", " ").split()), line
     assert str(project / "conf") in out
+
+
+def test_an_option_of_ones_own_missed_from_a_subfolder_says_where_options_are_read(project):
+    (project / "notebooks").mkdir()
+    code, out = tunelab(project / "notebooks", "experiment=mine")
+    assert code == 2 and "experiment=mine: no such option of group experiment" in out, out
+    assert f"read from ./conf/experiment/ of the folder tunelab runs in, {project / 'notebooks'}" in out, out
+    code, out = tunelab(project, "experiment=mien")  # where the project's own options are found: no such line
+    assert code == 2 and "mine (yours" in out and "read from ./conf" not in out, out

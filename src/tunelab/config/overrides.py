@@ -96,7 +96,12 @@ def option_problem(group: str, option: str, groups: Dict[str, Dict[str, Path]], 
     listed = ", ".join(f"{name}" + ("" if where == ours else f" (yours, {where})") for name, where in sorted(options.items()))
     near = difflib.get_close_matches(option, list(options), n=1, cutoff=0.6)
     hint = f"did you mean {group}={near[0]}? " if near else ""
-    return f"{group}={option}: no such option of group {group}; {hint}options: {listed}"
+    # A project's own options come from ./conf of the folder tunelab runs in: say so where none was
+    # found, since running from a subfolder of the project is the usual way to miss them.
+    yours = "" if any(where != ours for where in options.values()) else (
+        f" (your own options are read from ./conf/{group}/ of the folder tunelab runs in, {Path.cwd()}, "
+        "or from $TUNELAB_CONF)")
+    return f"{group}={option}: no such option of group {group}; {hint}options: {listed}{yours}"
 
 
 def _values(override) -> List[str]:
