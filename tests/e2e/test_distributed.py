@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import ROOT
+from test_resume import wait_for  # the same condition wait as the one-process resume tests
 
 pytestmark = pytest.mark.slow
 
@@ -130,14 +130,6 @@ def test_a_ddp_training_resumes_from_its_checkpoint_on_every_rank(ddp, tmp_path)
     assert f"resuming from step 2: {checkpoint} (rank 0 continues the curve)" in logs[1], logs[1][-2000:]
     assert json.loads((tmp_path / "run/train/summary.json").read_text())["resumed_from"]["step"] == 2
     assert_same_training(tmp_path / "run", ddp / "run")
-
-
-def wait_for(condition, process, what: str, limit_s: float = 300):
-    deadline = time.time() + limit_s
-    while not condition():
-        assert process.poll() is None, f"ended before {what}: " + process.stderr.read()[-3000:]
-        assert time.time() < deadline, f"no {what} within {limit_s} s"
-        time.sleep(0.05)
 
 
 def test_a_rank_that_dies_kills_the_other_and_ends_the_run_failed(prepared, tmp_path):
