@@ -22,7 +22,7 @@ LAYERS = [
     ("config validation", ("tunelab.config.checks",)),
     ("libraries", ("tunelab.data", "tunelab.templates", "tunelab.models", "tunelab.export", "tunelab.eval",
                    "tunelab.training", "tunelab.serving", "tunelab.records", "tunelab.paths", "tunelab.plots",
-                   "tunelab.procs", "tunelab.provenance",
+                   "tunelab.procs", "tunelab.provenance", "tunelab.llama_process",
                    "tunelab.runstate")),  # signals and process identities, used by stages.train too
     ("config", ("tunelab.config",)),
 ]

@@ -24,10 +24,11 @@ def gpu_layers_problems(value) -> List[str]:
 
 
 def offload_supported() -> bool:
-    """True for a llama-cpp-python built with a GPU backend that found a device."""
-    import llama_cpp
+    """True for a llama-cpp-python built with a GPU backend that found a device (asked in llama.cpp's
+    own process where it needs one: tunelab.llama_process)."""
+    from tunelab import llama_process
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return llama_process.offload_supported()
 
 
 def resolve_gpu_layers(value) -> int:

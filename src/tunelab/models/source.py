@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import List
 
 from tunelab.paths import RunPaths
 
@@ -104,14 +105,24 @@ PARITY_TEXT = ("Hello world! 3.14159 topics: <|im_start|>user\nTHE TOPIC IS: Rap
                "\n\n\nI'm   don't 12345678 \t tabs 😀")
 
 
-def _check_parity(tokenizer, path: Path) -> None:
+def gguf_token_ids(cfg, path: str, text: str) -> List[int]:
+    """llama.cpp's ids of text with the GGUF's own vocabulary (run through tunelab.llama_process)."""
     from llama_cpp import Llama
 
     from tunelab.export.llama_cpp import quiet_llama
 
     with quiet_llama(f"loading the vocabulary of {path}"):
-        vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    theirs = vocab.tokenize(PARITY_TEXT.encode(), add_bos=False, special=True)
+        vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+    try:
+        return list(vocab.tokenize(text.encode(), add_bos=False, special=True))
+    finally:
+        vocab.close()
+
+
+def _check_parity(tokenizer, path: Path) -> None:
+    from tunelab import llama_process
+
+    theirs = llama_process.call("tunelab.models.source:gguf_token_ids", None, path=str(path), text=PARITY_TEXT)
     ours = tokenizer(PARITY_TEXT, add_special_tokens=False)["input_ids"]
     if list(theirs) != list(ours):
         raise RuntimeError(f"{path.name}: transformers and llama.cpp tokenize differently:\n{ours}\n{list(theirs)}")

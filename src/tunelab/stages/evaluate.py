@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 from rich.progress import Progress
 
+from tunelab import llama_process
 from tunelab.data.formats import read_prepared
 from tunelab.eval.device import backend_name, resolve_gpu_layers
 from tunelab.eval.generate import embedded_template, generate, load_gguf
@@ -129,8 +130,15 @@ def _ordered(files: dict) -> list:
 
 
 def run(cfg, paths: RunPaths) -> dict:
+    """In llama.cpp's own process where it needs one (tunelab.llama_process: a GPU build beside torch)."""
     if not paths.export_manifest.is_file():
         raise FileNotFoundError(f"no export manifest at {paths.export_manifest}: run `tunelab stage=export` first")
+    return llama_process.call("tunelab.stages.evaluate:evaluate_here", cfg, run_dir=str(paths.run_dir),
+                              cache_dir=str(paths.cache_dir))
+
+
+def evaluate_here(cfg, run_dir: str, cache_dir: str) -> dict:
+    paths = RunPaths(Path(run_dir), Path(cache_dir))
     manifest = json.loads(paths.export_manifest.read_text())
     conversations = read_prepared(paths.eval_jsonl)
     metric_fns = metrics_from_config(cfg.eval.metrics)

@@ -5,14 +5,17 @@ compares fine-tuned and base GGUFs made by one path.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List, Optional
 
+from tunelab import llama_process
 from tunelab.data.formats import read_prepared
 from tunelab.export.finite import check_adapter, check_base, check_merged
 from tunelab.export.hf_folder import write_hf_folder
@@ -69,24 +72,41 @@ def _load_base(cfg, base_dir: Path, tokenizer):
     return model
 
 
-def export_base(cfg, paths: RunPaths, base_dir: Path, template, tokenizer, gate) -> Dict[str, dict]:
-    """The base model's GGUFs, shared by every run of this model and template (cache_dir/base-gguf).
-    Reused only when each file's bytes match the sha256 recorded beside it; made in a scratch folder
-    and published file by file (rename), so a killed or concurrent export never leaves half a file."""
-    types = list(cfg.quantization.types)
+def _base_key(cfg, base_dir: Path, template, tokenizer) -> str:
     weights = folder_sha256(base_dir)  # the base model's bytes, not only its folder's name
-    key = hashlib.sha256(f"{weights}|{template.source}|{template.end_of_turn}|{len(tokenizer)}".encode()).hexdigest()[:10]
-    out = {q: paths.base_gguf(f"{cfg.model.name}-{key}", q) for q in types}
+    return hashlib.sha256(f"{weights}|{template.source}|{template.end_of_turn}|{len(tokenizer)}".encode()).hexdigest()[:10]
+
+
+@contextmanager
+def base_plan(cfg, paths: RunPaths, base_dir: Path, template, tokenizer) -> Iterator[dict]:
+    """The torch half of the base model's export, shared by every run of this model and template
+    (cache_dir/base-gguf): {"out": the GGUF paths, "hf": None} when each file's bytes match the sha256
+    recorded beside it, else the base written as an HF folder ("hf") in a scratch folder beside them,
+    removed when the block ends (a killed or concurrent export never leaves half a file there)."""
+    out = {q: paths.base_gguf(f"{cfg.model.name}-{_base_key(cfg, base_dir, template, tokenizer)}", q)
+           for q in cfg.quantization.types}
+    plan = {"out": {q: str(p) for q, p in out.items()}, "hf": None}
     if all(_verified_base(p) for p in out.values()):
-        return _files(out)
-    folder = out[types[0]].parent
+        yield plan
+        return
+    folder = next(iter(out.values())).parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".building-", dir=folder) as tmp:
-        staged = {q: Path(tmp) / p.name for q, p in out.items()}
         base = _load_base(cfg, base_dir, tokenizer)
         check_base(base, base_dir)
         write_hf_folder(base, tokenizer, template, Path(tmp) / "hf")
-        gguf_set(Path(tmp) / "hf", staged, paths.converter_root, gate)
+        del base
+        yield {**plan, "hf": str(Path(tmp) / "hf")}
+
+
+def base_ggufs(plan: dict, converter_root: Path, gate: Callable[[Path], dict]) -> Dict[str, dict]:
+    """The GGUF half of the base model's export: convert and quantize plan["hf"] (if any) beside it,
+    gate each file, then publish file by file (rename), the file before the sha256 that vouches for it."""
+    out = {q: Path(p) for q, p in plan["out"].items()}
+    if plan["hf"] is not None:
+        scratch = Path(plan["hf"]).parent
+        staged = {q: scratch / p.name for q, p in out.items()}
+        gguf_set(Path(plan["hf"]), staged, converter_root, gate)
         for quant, path in staged.items():
             digest = sha256_file(path)
             _sidecar(path).write_text(digest + "\n")
@@ -94,6 +114,12 @@ def export_base(cfg, paths: RunPaths, base_dir: Path, template, tokenizer, gate)
             os.replace(_sidecar(path), _sidecar(out[quant]))
             remember(out[quant], digest)
     return _files(out)
+
+
+def export_base(cfg, paths: RunPaths, base_dir: Path, template, tokenizer, gate) -> Dict[str, dict]:
+    """The base model's GGUFs in this process (both halves): see base_plan and base_ggufs."""
+    with base_plan(cfg, paths, base_dir, template, tokenizer) as plan:
+        return base_ggufs(plan, paths.converter_root, gate)
 
 
 def _sidecar(gguf: Path) -> Path:
@@ -130,23 +156,38 @@ def _write_serving_files(gguf: Path, template, runtimes: dict, serve: dict, stop
 
 
 def run(cfg, paths: RunPaths) -> dict:
+    """The torch half here (merge, weights checked, HF folders); the GGUF half (write_ggufs) through
+    tunelab.llama_process: in a torch-free child where llama.cpp has a GPU backend."""
     from peft import PeftModel
 
     base_dir = resolve_model(cfg.model, paths)
     if not (paths.adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter at {paths.adapter_dir}: run `tunelab stage=train` first")
-    trained_tokenizer = paths.train_tokenizer_dir.is_dir()
-    tokenizer = load_tokenizer(paths.train_tokenizer_dir if trained_tokenizer else base_dir, cfg.model.trust_remote_code)
+    tokenizer_dir = paths.train_tokenizer_dir if paths.train_tokenizer_dir.is_dir() else base_dir
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
     template = template_from_config(cfg.template, tokenizer)
-    contract = TrainingContract.read(paths.template_contract)
-    conversations = read_prepared(paths.train_jsonl)
-
     check_adapter(paths.adapter_dir)  # NaN weights refused for every type, naming where (export/finite.py)
     merged = PeftModel.from_pretrained(_load_base(cfg, base_dir, tokenizer), str(paths.adapter_dir)).merge_and_unload()
     check_merged(merged, paths.adapter_dir, base_dir)
     if paths.export_dir.exists():
         shutil.rmtree(paths.export_dir)
     eot_id = write_hf_folder(merged, tokenizer, template, paths.merged_dir)
+    del merged  # its memory back before llama.cpp's work (16 GB for an 8B model)
+    gc.collect()
+    with (base_plan(cfg, paths, base_dir, template, tokenizer) if cfg.eval.evaluate_base else nullcontext()) as plan:
+        return llama_process.call("tunelab.stages.export:write_ggufs", cfg, run_dir=str(paths.run_dir),
+                                  cache_dir=str(paths.cache_dir), tokenizer_dir=str(tokenizer_dir), eot_id=eot_id,
+                                  base=plan)
+
+
+def write_ggufs(cfg, run_dir: str, cache_dir: str, tokenizer_dir: str, eot_id: int, base: Optional[dict]) -> dict:
+    """merged/ -> every configured GGUF, each through the parity gate, then the serving files and the
+    manifest; the base model's GGUFs from its plan (base_plan). Loads no torch."""
+    paths = RunPaths(Path(run_dir), Path(cache_dir))
+    tokenizer = load_tokenizer(Path(tokenizer_dir), cfg.model.trust_remote_code)
+    template = template_from_config(cfg.template, tokenizer)
+    contract = TrainingContract.read(paths.template_contract)
+    conversations = read_prepared(paths.train_jsonl)
     serve = _serve_template(paths, template, conversations, cfg)
     server_for = gate_server(serve["staged_file"], serve["settings"], paths.export_dir)
     serve["llama_server"] = "checked by the gate" if server_for else "not built: `python -m tunelab.serving.build`"
@@ -165,8 +206,8 @@ def run(cfg, paths: RunPaths) -> dict:
                 "ship": cfg.quantization.ship, "template": template.name, "gate": gate, "serve": serve,
                 "modelfiles": {q: f["modelfile"] for q, f in files.items()},
                 "serving_notes": {q: f["notes"] for q, f in files.items()}}
-    if cfg.eval.evaluate_base:
-        manifest["base"] = export_base(cfg, paths, base_dir, template, tokenizer,
-                                       lambda path: run_gate(path, template, tokenizer, conversations))
+    if base is not None:
+        manifest["base"] = base_ggufs(base, paths.converter_root,
+                                      lambda path: run_gate(path, template, tokenizer, conversations))
     paths.export_manifest.write_text(json.dumps(manifest, indent=2))
     return manifest
