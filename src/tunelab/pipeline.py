@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from contextlib import contextmanager
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +21,7 @@ from tunelab.data.sources import dataset_sha256
 from tunelab.eval.report import metric_columns, report_rows
 from tunelab.export.llama_cpp import log_llama_cpp_to
 from tunelab.paths import RunPaths
-from tunelab.records import StageRecord
+from tunelab.records import StageRecord, write_json_atomically
 from tunelab.stages import evaluate, export, prepare, train
 from tunelab.tracking import Tracker
 
@@ -61,9 +63,12 @@ def run(cfg: DictConfig, parent_run_id: Optional[str] = None, extra_tags: Option
             for stage in stages:
                 if stage not in results:
                     console.rule(f"[bold]{stage}")
-                    results[stage] = run_stage(stage, cfg, paths, start["cache"], start["data_hash"], start["model"],
-                                               results, tracker.reporter())
+                    with _timed(paths, results, stage):
+                        results[stage] = run_stage(stage, cfg, paths, start["cache"], start["data_hash"],
+                                                   start["model"], results, tracker.reporter())
                 tracker.log_stage(stage, results[stage], paths, cfg)
+            # each stage's wall time (seconds.<stage>): where a run spends its time, comparable across runs
+            tracker.reporter().log_metrics({f"seconds.{k}": v for k, v in results.get("seconds", {}).items()}, 0)
             tracker.set_tags(_outcome_tags(paths, results))
     finally:
         lock.release()
@@ -86,8 +91,22 @@ def _start(cfg: DictConfig, paths: RunPaths, stages, results: dict) -> dict:
              "model": _model_inputs(cfg, paths, stages)}
     if "prepare" in stages:
         console.rule("[bold]prepare")
-        results["prepare"] = run_stage("prepare", cfg, paths, start["cache"], data_hash, start["model"], results)
+        with _timed(paths, results, "prepare"):
+            results["prepare"] = run_stage("prepare", cfg, paths, start["cache"], data_hash, start["model"], results)
     return start
+
+
+@contextmanager
+def _timed(paths: RunPaths, results: dict, stage: str):
+    """The stage's wall time (cache lookup, verification and store included), and its steps' where it
+    reports them, in results["seconds"] and <run_dir>/.tunelab/timings.json (rewritten whole)."""
+    started = time.monotonic()
+    yield
+    results.setdefault("seconds", {})[stage] = round(time.monotonic() - started, 3)
+    if stage not in results.get("reused", []):  # a stage's own steps (export: merge, convert, ...)
+        steps = (results.get(stage) or {}).get("seconds") or {}
+        results["seconds"].update({f"{stage}.{step}": value for step, value in steps.items()})
+    write_json_atomically(paths.state_dir / "timings.json", results["seconds"])
 
 
 def _model_inputs(cfg: DictConfig, paths: RunPaths, stages) -> Optional[dict]:
@@ -146,6 +165,8 @@ def report(cfg: DictConfig, paths: RunPaths, results: dict) -> None:
     console.print(f"config hash     {results['config_hash']}")
     if results.get("reused"):
         console.print(f"reused          {', '.join(results['reused'])} (unchanged config, inputs and code)")
+    if results.get("seconds"):
+        console.print("stage seconds   " + ", ".join(f"{k} {v:,.1f}" for k, v in results["seconds"].items()))
     if results.get("mlflow_run_id"):
         console.print(f"MLflow run      {results['mlflow_run_id']}  (mlflow ui --backend-store-uri {cfg.tracking.uri})")
     if "export" in results:

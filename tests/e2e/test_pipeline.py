@@ -106,6 +106,12 @@ def test_mlflow_holds_one_finished_run_with_metrics_and_artifacts(smoke_run):
     assert "finetuned.q5_k_m.all_caps_rate" in run.data.metrics and "base.f16.success_rate" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "train.loss")) == 3
     assert "finetuned.q5_k_m.kl_divergence" in run.data.metrics and "base.f16.gen_tokens_per_s" in run.data.metrics
+    timings = json.loads((tmp / "run/.tunelab/timings.json").read_text())  # each stage's wall time
+    assert [k for k in timings if "." not in k] == ["prepare", "train", "export", "evaluate"]
+    assert {"export.merge", "export.convert", "export.quantize", "export.gate", "export.base"} <= set(timings)
+    assert all(timings[stage] > 0 for stage in ("prepare", "train", "export", "evaluate"))
+    assert 0 < timings["export.convert"] < timings["export"] and timings["export.base"] >= 0  # base: maybe cached
+    assert {f"seconds.{stage}": value for stage, value in timings.items()}.items() <= run.data.metrics.items()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "samples.json", "gguf", "plots", "adapter"} <= artifacts
     assert {"plots/quality_vs_size.png", "plots/train_loss.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
@@ -38,25 +39,47 @@ def _reference_type(types: List[str]) -> str:
     return "f16"
 
 
-def gguf_set(hf_dir: Path, out: Dict[str, Path], cache_root: Path, gate: Callable[[Path], dict]) -> Dict[str, dict]:
+def gguf_set(hf_dir: Path, out: Dict[str, Path], cache_root: Path, gate: Callable[[Path], dict],
+             seconds: Optional[Dict[str, float]] = None) -> Dict[str, dict]:
     """Convert hf_dir once, quantize to every other type, pass each file through the parity gate.
-    A file that fails the gate is deleted with the others: nothing half-shipped stays behind."""
+    A file that fails the gate is deleted with the others: nothing half-shipped stays behind.
+    seconds gets the wall time of each step (convert, quantize, gate), added to what it holds."""
+    clock = _Clock(seconds if seconds is not None else {})
     reference = _reference_type(list(out))
     ref_path = out.get(reference) or out[next(iter(out))].with_name(f"model.{reference}.gguf")
-    convert(hf_dir, ref_path, reference, cache_root)
+    with clock("convert"):
+        convert(hf_dir, ref_path, reference, cache_root)
     for quant, path in out.items():
         if quant in CONVERTER_OUTTYPES and quant != reference:
-            convert(hf_dir, path, quant, cache_root)
+            with clock("convert"):
+                convert(hf_dir, path, quant, cache_root)
         elif quant != reference:
-            quantize(ref_path, path, quant)
+            with clock("quantize"):
+                quantize(ref_path, path, quant)
     if reference not in out:
         ref_path.unlink()
     try:
-        return {quant: gate(path) for quant, path in out.items()}
+        with clock("gate"):
+            return {quant: gate(path) for quant, path in out.items()}
     except ParityError:
         for path in out.values():
             path.unlink(missing_ok=True)
         raise
+
+
+class _Clock:
+    """Wall seconds per named step, summed over its repeats: where an export spends its time."""
+
+    def __init__(self, seconds: Dict[str, float]):
+        self.seconds = seconds
+
+    @contextmanager
+    def __call__(self, step: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[step] = round(self.seconds.get(step, 0.0) + time.monotonic() - started, 3)
 
 
 def _files(out: Dict[str, Path]) -> Dict[str, dict]:
@@ -166,23 +189,27 @@ def run(cfg, paths: RunPaths) -> dict:
     tokenizer_dir = paths.train_tokenizer_dir if paths.train_tokenizer_dir.is_dir() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
     template = template_from_config(cfg.template, tokenizer)
-    check_adapter(paths.adapter_dir)  # NaN weights refused for every type, naming where (export/finite.py)
-    merged = PeftModel.from_pretrained(_load_base(cfg, base_dir, tokenizer), str(paths.adapter_dir)).merge_and_unload()
-    check_merged(merged, paths.adapter_dir, base_dir)
-    if paths.export_dir.exists():
-        shutil.rmtree(paths.export_dir)
-    eot_id = write_hf_folder(merged, tokenizer, template, paths.merged_dir)
-    del merged  # its memory back before llama.cpp's work (16 GB for an 8B model)
-    gc.collect()
+    clock = _Clock({})
+    with clock("merge"):  # load, merge, check the weights, write merged/
+        check_adapter(paths.adapter_dir)  # NaN weights refused for every type, naming where (export/finite.py)
+        merged = PeftModel.from_pretrained(_load_base(cfg, base_dir, tokenizer), str(paths.adapter_dir)).merge_and_unload()
+        check_merged(merged, paths.adapter_dir, base_dir)
+        if paths.export_dir.exists():
+            shutil.rmtree(paths.export_dir)
+        eot_id = write_hf_folder(merged, tokenizer, template, paths.merged_dir)
+        del merged  # its memory back before llama.cpp's work (16 GB for an 8B model)
+        gc.collect()
     with (base_plan(cfg, paths, base_dir, template, tokenizer) if cfg.eval.evaluate_base else nullcontext()) as plan:
         return llama_process.call("tunelab.stages.export:write_ggufs", cfg, run_dir=str(paths.run_dir),
                                   cache_dir=str(paths.cache_dir), tokenizer_dir=str(tokenizer_dir), eot_id=eot_id,
-                                  base=plan)
+                                  base=plan, seconds=clock.seconds)
 
 
-def write_ggufs(cfg, run_dir: str, cache_dir: str, tokenizer_dir: str, eot_id: int, base: Optional[dict]) -> dict:
+def write_ggufs(cfg, run_dir: str, cache_dir: str, tokenizer_dir: str, eot_id: int, base: Optional[dict],
+                seconds: Dict[str, float]) -> dict:
     """merged/ -> every configured GGUF, each through the parity gate, then the serving files and the
-    manifest; the base model's GGUFs from its plan (base_plan). Loads no torch."""
+    manifest; the base model's GGUFs from its plan (base_plan). Loads no torch. Returns the manifest
+    with "seconds": each step's wall time (merge, from the torch half; convert, quantize, gate, base)."""
     paths = RunPaths(Path(run_dir), Path(cache_dir))
     tokenizer = load_tokenizer(Path(tokenizer_dir), cfg.model.trust_remote_code)
     template = template_from_config(cfg.template, tokenizer)
@@ -195,7 +222,7 @@ def write_ggufs(cfg, run_dir: str, cache_dir: str, tokenizer_dir: str, eot_id: i
     try:
         gate = gguf_set(paths.merged_dir, out, paths.converter_root,
                         lambda path: run_gate(path, template, tokenizer, conversations, contract, server_for,
-                                              serve["system_prompt"], serve["template_source"]))
+                                              serve["system_prompt"], serve["template_source"]), seconds)
     except ParityError:
         shutil.rmtree(paths.export_dir)  # nothing of a refused export stays behind
         raise
@@ -207,7 +234,8 @@ def write_ggufs(cfg, run_dir: str, cache_dir: str, tokenizer_dir: str, eot_id: i
                 "modelfiles": {q: f["modelfile"] for q, f in files.items()},
                 "serving_notes": {q: f["notes"] for q, f in files.items()}}
     if base is not None:
-        manifest["base"] = base_ggufs(base, paths.converter_root,
-                                      lambda path: run_gate(path, template, tokenizer, conversations))
+        with _Clock(seconds)("base"):
+            manifest["base"] = base_ggufs(base, paths.converter_root,
+                                          lambda path: run_gate(path, template, tokenizer, conversations))
     paths.export_manifest.write_text(json.dumps(manifest, indent=2))
-    return manifest
+    return {**manifest, "seconds": seconds}  # not in the file: its bytes name what was made, not how fast
