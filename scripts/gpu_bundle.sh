@@ -3,8 +3,10 @@
 #
 #   scripts/gpu_bundle.sh [--with-export]     # -> .gpu/site (add it to PYTHONPATH on the GPU box)
 #
-# What travels to the box (under 64 MiB): .gpu/site, .gpu/tokenizer and, with --with-export, .gpu/llama.cpp
-# and .gpu/llama-cpp-python-src.* (.gpu/llama_cpp_cpu only to a box without nvcc; never .gpu/wheels).
+# What travels to the box (16 MiB): .gpu/bundle.tar.xz with its .sha256 (site, tokenizer, and with
+# --with-export llama.cpp's converter and llama-cpp-python's CPU build: 67 MiB unpacked) and, with
+# --with-export, .gpu/llama-cpp-python-src.* (the source the box builds llama.cpp's CUDA backend from).
+# scripts/gpu_env.sh checks the archive's sha256 and unpacks it there. Never .gpu/wheels (143 MB).
 #
 # Assumes the GPU box already has Python 3.12 with CUDA torch, transformers, accelerate, safetensors,
 # tokenizers, numpy, pyarrow and pandas (as the reference H100 image does). Wheels for the rest come
@@ -61,7 +63,8 @@ if [[ "${1:-}" == "--with-export" ]]; then
   done
   "$PY" -c "from pathlib import Path; from tunelab.export.llama_cpp import ensure_converter; ensure_converter(Path('.cache/tunelab/llama.cpp'))"
   rm -rf "$OUT/llama.cpp" && cp -a .cache/tunelab/llama.cpp "$OUT/llama.cpp"
-  rm -f "$OUT"/llama.cpp/*/models/*.gguf
+  # Only Llama 3's vocabulary (model=tiny_llama3 and the 8B benchmark read it); the other test vocabularies stay.
+  find "$OUT"/llama.cpp/*/models -name '*.gguf' ! -name ggml-vocab-llama-bpe.gguf -delete
   # llama-cpp-python's own source, trimmed to what its CUDA build compiles (3 MB): the GPU box builds
   # it there (scripts/gpu_llama_cuda.sh); the CUDA library it makes (60 MB for one GPU architecture)
   # is too big to travel.
@@ -121,5 +124,11 @@ out.mkdir(parents=True)
 for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(folder / name, out / name)
 PY
-du -sh "$OUT/site" "$OUT/llama.cpp" "$OUT/tokenizer" "$OUT"/llama-cpp-python-src.* "$OUT/llama_cpp_cpu" 2>/dev/null || true
-du -sh --exclude=wheels "$OUT"
+# One archive of what travels unpacked-on-arrival, and its sha256 (gpu_env.sh checks it before unpacking).
+PARTS=(site tokenizer); [[ -d $OUT/llama.cpp ]] && PARTS+=(llama.cpp llama_cpp_cpu)
+tar -C "$OUT" -cf - "${PARTS[@]}" | xz -T0 -6 > "$OUT/bundle.tar.xz.partial"
+mv "$OUT/bundle.tar.xz.partial" "$OUT/bundle.tar.xz"
+(cd "$OUT" && sha256sum bundle.tar.xz > bundle.tar.xz.sha256)
+du -sh "${PARTS[@]/#/$OUT/}" 2>/dev/null || true
+du -sh "$OUT"/bundle.tar.xz* "$OUT"/llama-cpp-python-src.* 2>/dev/null || true
+echo "what travels: $(du -ch "$OUT"/bundle.tar.xz* "$OUT"/llama-cpp-python-src.* 2>/dev/null | tail -1 | cut -f1)"

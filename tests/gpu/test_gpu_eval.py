@@ -6,6 +6,7 @@ On the bare GPU box: `. scripts/gpu_env.sh && python3 -m pytest -m gpu tests/gpu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,22 +18,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def chat_answers(gguf: Path, rows, max_tokens: int, n_ctx: int):
-    """What plain llama-cpp-python answers on the GPU, with the GGUF's own template."""
-    from llama_cpp import Llama
+    """What plain llama-cpp-python answers on the GPU, with the GGUF's own template (in a torch-free child)."""
+    from tunelab import llama_process
 
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_gpu_layers=-1, seed=0, verbose=False,
-                chat_format="chat_template.default")
-    return [llm.create_chat_completion(messages=row[:-1], max_tokens=max_tokens, temperature=0.0)["choices"][0]
-            ["message"]["content"] or "" for row in rows]
+    return llama_process.call("llama_answers:chat_answers", None, gguf=str(gguf), rows=rows, max_tokens=max_tokens,
+                              n_ctx=n_ctx)
 
 
-def test_every_gguf_is_evaluated_on_the_gpu_and_answers_as_create_chat_completion(tmp_path, tiny_model):  # noqa: F811
-    import llama_cpp
-
+def test_every_gguf_is_evaluated_on_the_gpu_and_answers_as_create_chat_completion(tmp_path, tiny_model,  # noqa: F811
+                                                                                   monkeypatch):
+    from tunelab import llama_process
     from tunelab.data.formats import read_prepared
+    from tunelab.eval.device import offload_supported
 
-    assert llama_cpp.llama_supports_gpu_offload(), (
-        "this llama-cpp-python is a CPU build: `. scripts/gpu_env.sh` builds and uses the CUDA one")
+    assert llama_process.in_child(), "a CUDA build runs llama.cpp's work in a child: it crashes beside torch"
+    assert offload_supported(), "this llama-cpp-python is a CPU build: `. scripts/gpu_env.sh` builds the CUDA one"
+    monkeypatch.setenv("PYTHONPATH", f"{Path(__file__).parent}:{os.environ.get('PYTHONPATH', '')}")
     tunelab(tmp_path, tiny_model, "training.backend=hf", "eval.max_new_tokens=16")
     summary = json.loads((tmp_path / "evaluate" / "summary.json").read_text())
     assert summary["decoding"]["backend"] == "gpu (all layers)", summary["decoding"]
