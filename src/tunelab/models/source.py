@@ -169,11 +169,19 @@ def tiny_tokenizer_gguf(name: str, cache_dir: Path) -> Path:
     raise ValueError(f"model.tiny.tokenizer={name!r} is not one of smollm2, llama3")
 
 
+def tiny_tokenizer(name: str, cache_dir: Path):
+    """The real tokenizer a tiny model gets (model.tiny.tokenizer: smollm2 or llama3), offline."""
+    tokenizer = _load_gguf_tokenizer(tiny_tokenizer_gguf(name, cache_dir))
+    if name == "llama3":
+        _prepend_bos(tokenizer)
+    return tokenizer
+
+
 def _build_tiny(tiny_cfg, cache_dir: Path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _load_gguf_tokenizer(tiny_tokenizer_gguf(tiny_cfg.tokenizer, cache_dir))
+    tokenizer = tiny_tokenizer(tiny_cfg.tokenizer, cache_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=tiny_cfg.hidden_size,
         intermediate_size=tiny_cfg.intermediate_size, num_hidden_layers=tiny_cfg.num_hidden_layers,
@@ -181,8 +189,6 @@ def _build_tiny(tiny_cfg, cache_dir: Path):
         max_position_embeddings=tiny_cfg.max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    if tiny_cfg.tokenizer == "llama3":
-        _prepend_bos(tokenizer)
     torch.manual_seed(tiny_cfg.seed)
     return LlamaForCausalLM(config), tokenizer
 
