@@ -190,7 +190,7 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
-    parser.add_argument("--sides", default="tunelab,cpu,bare")
+    parser.add_argument("--sides", default="tunelab,cpu,bare", help="model: only build the checkpoint")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunelab-pipeline-bench"))
     parser.add_argument("--cpu-rows", type=int, default=8, help="eval rows for the GPU-vs-CPU evaluation")
     parser.add_argument("--cpu-quants", default="q5_k_m")
@@ -211,9 +211,11 @@ def main() -> None:
             free_tunelab_files(work)
             results["bare"] = side_bare(work, model)
         results_file.write_text(json.dumps(results, indent=2))
-    from pipeline_report import report
+    say(f"results in {results_file}")
+    if "tunelab" in results:
+        from pipeline_report import report
 
-    print(report(results))
+        print(report(results))
 
 
 if __name__ == "__main__":
