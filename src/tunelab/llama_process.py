@@ -32,7 +32,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Dict, List
 
-from tunelab import procs, runstate
+from tunelab import procs, records, runstate
 
 MODE_ENV = "TUNELAB_LLAMA_PROCESS"
 MODES = ("auto", "child", "inline")
@@ -83,8 +83,8 @@ def call(target: str, cfg, **kwargs) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="tunelab-llama-") as folder:
         config = None if cfg is None else OmegaConf.to_yaml(cfg, resolve=True)
-        request = {"target": target, "config": config, "kwargs": kwargs,
-                   "llama_log": str(llama_cpp_log())}
+        request = {"target": target, "config": config, "kwargs": kwargs, "llama_log": str(llama_cpp_log()),
+                   "hashed": records.hashed()}  # what this run has hashed is not read again there, nor back here
         (Path(folder) / "request.json").write_text(json.dumps(request))
         code = _run_child(Path(folder))
         return _outcome(Path(folder) / "result.json", code, target)
@@ -113,6 +113,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _outcome(result_file: Path, code: int, target: str) -> Any:
     report = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    records.adopt_hashed(report.get("hashed", []))
     if code == 0 and "result" in report:
         return report["result"]
     if "error" in report:
@@ -161,6 +162,7 @@ def main(argv) -> int:
     from tunelab.export.llama_cpp import log_llama_cpp_to
 
     log_llama_cpp_to(Path(request["llama_log"]))
+    records.adopt_hashed(request.get("hashed", []))
     try:
         with runstate.sigterm_raises():
             config = request["config"]
@@ -171,7 +173,7 @@ def main(argv) -> int:
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it again
         _write(folder / "result.json", {"error": _describe(err), "llama_log": request["llama_log"]})
         return 1
-    _write(folder / "result.json", {"result": result})
+    _write(folder / "result.json", {"result": result, "hashed": records.hashed()})
     return 0
 
 

@@ -59,6 +59,18 @@ def remember(path: Path, sha256: str) -> None:
     _verified[_stat_key(path)] = sha256
 
 
+def hashed() -> List[list]:
+    """What this process hashed, as [path, size, mtime_ns, inode, sha256] rows: a child process of the
+    same run (tunelab.llama_process) hands them on, so a file untouched since is not read again."""
+    return [[*key, digest] for key, digest in _verified.items()]
+
+
+def adopt_hashed(rows: List[list]) -> None:
+    """Take another process's hashes of this run (hashed()); each still applies only while the file's
+    size, mtime and inode are the ones it was hashed with."""
+    _verified.update({tuple(row[:4]): row[4] for row in rows})
+
+
 def file_entries(folder: Path) -> Dict[str, dict]:
     """Every file under folder: relative path -> size and sha256."""
     return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}

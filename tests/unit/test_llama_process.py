@@ -113,3 +113,18 @@ def test_an_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv(llama_process.MODE_ENV, "sometimes")
     with pytest.raises(llama_process.LlamaProcessFailed, match="TUNELAB_LLAMA_PROCESS='sometimes'"):
         llama_process.in_child()
+
+
+def test_hashes_cross_to_the_child_and_back_while_the_bytes_stay(child, tmp_path, monkeypatch):
+    from tunelab import records
+
+    monkeypatch.setattr(records, "_verified", {})
+    known, made = tmp_path / "known.bin", tmp_path / "made.bin"
+    known.write_bytes(b"hashed here")
+    made.write_bytes(b"hashed there")
+    records.sha256_file(known)
+    seen = llama_process.call("llama_targets:hash_file", None, path=str(made), known=str(known))
+    assert seen["knew"]  # the parent's hash went along: the child need not read the file again
+    assert {row[0] for row in records.hashed()} == {str(known), str(made)}  # and the child's came back
+    made.write_bytes(b"changed since")  # another size and mtime: the old hash no longer applies
+    assert records.sha256_file(made) != seen["sha256"]
