@@ -81,8 +81,7 @@ def _task(cfg: DictConfig) -> Optional[float]:
     except RankFailed as err:  # the run has ended FAILED; the message names the rank and its log
         if multirun:
             raise
-        Console(stderr=True).print(Text.assemble(("tunelab: RankFailed", "bold red"), f": {err}"), highlight=False,
-                                   soft_wrap=True)
+        print_error(err)  # (Console and Text are not imported here: this was a NameError)
         sys.exit(1)
     _exit_if_nothing_ships(results, multirun)
     return pipeline.objective_value(cfg, results)
