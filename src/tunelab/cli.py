@@ -54,23 +54,29 @@ def print_error(err: Exception) -> None:
 def _task(cfg: DictConfig) -> Optional[float]:
     """One run (or one sweep job). Returns sweep.objective's value, which Optuna maximises/minimises."""
     from tunelab import pipeline, sweep
-    from tunelab.config.checks import ConfigError
+    from tunelab.config.checks import ConfigError, validate
     from tunelab.data.formats import DataError
     from tunelab.export.llama_cpp import ExportError
     from tunelab.records import IntegrityError
     from tunelab.rundir import RunDirError
     from tunelab.templates.chat import TemplateError, TemplateLimitError
     from tunelab.templates.parity import ParityError
+    from tunelab.training import nodes
     from tunelab.training.launch import RankFailed
 
     multirun, parent_run_id, tags = _job_context(cfg)
     if multirun and not sweep.started_here():  # a worker process: Ctrl-C reaches it from the sweep
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # process, as SIGTERM, when its job is running
+    follower = nodes.role() == "follower"  # a SLURM node other than 0: only its share of the ranks
     try:
-        results = pipeline.run(cfg, parent_run_id=parent_run_id, extra_tags=tags, sweep_job=multirun)
+        if follower:
+            validate(cfg)  # the same verdict as node 0's, at once, instead of waiting for a launch
+            return nodes.follow(cfg)
+        with nodes.leading(cfg):  # node 0 of several: the other nodes learn how its run ended
+            results = pipeline.run(cfg, parent_run_id=parent_run_id, extra_tags=tags, sweep_job=multirun)
     except KeyboardInterrupt as interrupt:  # the run has ended KILLED
         if multirun:
-            _end_worker(interrupt, tracked=bool(cfg.tracking.enabled))
+            _end_worker(interrupt, tracked=bool(cfg.tracking.enabled) and not follower)
         raise
     except (ConfigError, DataError, FileNotFoundError, TemplateError, TemplateLimitError, ParityError,
             ExportError, IntegrityError, RunDirError) as err:
@@ -81,8 +87,7 @@ def _task(cfg: DictConfig) -> Optional[float]:
     except RankFailed as err:  # the run has ended FAILED; the message names the rank and its log
         if multirun:
             raise
-        Console(stderr=True).print(Text.assemble(("tunelab: RankFailed", "bold red"), f": {err}"), highlight=False,
-                                   soft_wrap=True)
+        print_error(err)  # RankFailed, or NodeFailed on a node other than 0
         sys.exit(1)
     _exit_if_nothing_ships(results, multirun)
     return pipeline.objective_value(cfg, results)

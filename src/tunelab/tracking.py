@@ -197,7 +197,7 @@ class Tracker:
             mlflow.log_dict(result["resumed_from"], "train/resumed_from.json")
         mlflow.set_tags({f"tunelab.{key}": str(result[key]) for key in
                          ("backend", "backend_reason", "gradient_checkpointing", "gradient_checkpointing_reason",
-                          "distributed", "world_size")
+                          "distributed", "world_size", "nnodes")
                          if key in result})
         final = result.get("final_loss", steps[-1]["loss"] if steps else float("nan"))  # a summary from before final_loss
         mlflow.log_metrics({"train.final_loss": final, "train.mean_loss": result["train_loss"], "train.steps": result["steps"],

@@ -14,7 +14,7 @@ from tunelab.cache import stage_key
 from tunelab.config import distributed
 from tunelab.config.checks import ConfigError, validate
 from tunelab.config.identity import config_hash, identity_dict
-from tunelab.training import checkpoints, launch
+from tunelab.training import checkpoints, launch, world
 from tunelab.training.callbacks import CheckpointPolicy
 
 
@@ -121,7 +121,7 @@ def test_checkpoints_of_another_world_size_are_another_training(compose_cfg):
 
 
 def test_rank_environment_is_torchruns():
-    env = launch.rank_env(1, 2, 29511, "run123", None)
+    env = world.rank_env(world.World(2, master_port=29511), 1, "run123", None)
     assert {k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TUNELAB_RANK",
                                 "TUNELAB_RUN_ID")} == {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "1",
                                                        "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TUNELAB_RANK": "1",
@@ -155,8 +155,8 @@ def test_events_are_forwarded_once_each_and_only_whole_lines(tmp_path: Path):
 
 
 def test_the_rank_killed_by_a_signal_is_blamed_not_its_peer():
-    assert launch._first_cause([0, 1], [1, -9]) == 1
-    assert launch._first_cause([1, 2], [None, 1, 1]) == 1
+    assert launch.first_cause({0: 1, 1: -9}) == 1
+    assert launch.first_cause({2: 1, 1: 1}) == 1
 
 
 def test_a_failure_names_the_rank_and_its_log(tmp_path: Path):
@@ -165,13 +165,13 @@ def test_a_failure_names_the_rank_and_its_log(tmp_path: Path):
     paths = RunPaths(tmp_path / "run", tmp_path / "cache")
     launch.log_path(paths, 1).parent.mkdir(parents=True)
     launch.log_path(paths, 1).write_text("loading\r 50%\r100%\nTraceback: boom\n")
-    err = launch._failure(1, -9, paths, 2)
+    err = launch.failure(1, -9, paths, world.World(2))
     assert isinstance(err, launch.RankFailed)
     assert str(err).startswith(f"training rank 1 of 2 was killed by SIGKILL; the other ranks were stopped. Its log: "
                                f"{launch.log_path(paths, 1)}")
     assert "100%" in str(err) and "50%" not in str(err) and "Traceback: boom" in str(err)
     launch.error_path(paths, 1).write_text(json.dumps({"type": "ConfigError", "problems": ["training.resume=x: no"]}))
-    err = launch._failure(1, 2, paths, 2)
+    err = launch.failure(1, 2, paths, world.World(2))
     assert isinstance(err, ConfigError) and err.problems == ["training.resume=x: no"]
 
 

@@ -80,11 +80,14 @@ def identity_dict(cfg: DictConfig) -> dict:
 def _single_process_fields(data: dict) -> tuple:
     """The distributed keys where they are at their single-process defaults: one process computes the
     same whatever they say, and a run recorded before they existed keeps its hash. Under ddp/fsdp they
-    stay (nproc_per_node, resolved to a number before hashing, sets the global batch)."""
+    stay (nproc_per_node, resolved to a number before hashing, sets the global batch), and so does nnodes
+    when the ranks span several nodes (one node, or auto not yet resolved, hashes as before nnodes existed)."""
     training, lora = data.get("training") or {}, data.get("lora") or {}
     fields = ()
     if training.get("distributed", "none") == "none":
         fields += (("training", "distributed"), ("training", "nproc_per_node"))
+    if training.get("distributed", "none") == "none" or training.get("nnodes", 1) in (1, "auto"):
+        fields += (("training", "nnodes"),)
     if lora.get("quant_storage") is None:
         fields += (("lora", "quant_storage"),)
     return fields

@@ -197,8 +197,12 @@ class TrainingConfig:
     # process validates once and launches the ranks; rank 0 alone writes outputs (docs/distributed.md).
     distributed: str = "none"
     # Rank processes on this node: auto (one per CUDA device) or a number (required on the CPU).
-    # The global batch is batch_size x gradient_accumulation_steps x nproc_per_node.
+    # The global batch is batch_size x gradient_accumulation_steps x nproc_per_node x nnodes.
     nproc_per_node: Any = "auto"
+    # Nodes the ranks span: auto (the nodes of this SLURM job, 1 outside SLURM) or a number, which must be
+    # that count. Several nodes: tunelab runs once per node, node 0 runs the pipeline and the others only
+    # their ranks (hydra/launcher=slurm hydra.launcher.nodes=N; docs/distributed.md).
+    nnodes: Any = "auto"
 
 
 @dataclass

@@ -8,6 +8,7 @@ contract (tunelab.templates.chat), so what is trained is exactly what export wri
 from __future__ import annotations
 
 import json
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -221,7 +222,8 @@ def train_here(cfg, paths: RunPaths, reporter) -> dict:
         "added_tokens": added,
         "resumed_from": resumed_from,
         "distributed": cfg.training.distributed,
-        "world_size": trainer.args.world_size,
+        "world_size": trainer.args.world_size,  # every rank, on every node
+        "nnodes": cfg.training.nnodes if cfg.training.distributed != "none" else 1,
     }
     (paths.train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -253,5 +255,9 @@ def _train(cfg, paths: RunPaths, reporter, trainer, main: bool = True):
         for callback in make_callbacks(paths.loss_log, reporter, policy):
             trainer.add_callback(callback)
         result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    if policy.interrupt_step is not None and not pending:
+        # The ranks agreed to stop because a signal reached another one (on another node, perhaps): this
+        # training is interrupted here too, not finished (rank 0 would otherwise save a partial adapter).
+        pending.signum = signal.SIGTERM
     runstate.raise_pending(pending)  # the run ends KILLED, as it would have without the deferral
     return result, resumed_from

@@ -32,8 +32,9 @@ FORMAT = 1
 REQUIRED = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 # training.* keys that say how to checkpoint, log or use threads: not part of what is computed, so
 # changing them (e.g. resuming with training.resume=<path>) keeps the identity.
-# nproc_per_node is the world size, which the identity holds as such.
-NOT_IDENTITY = ("resume", "save_steps", "save_minutes", "keep_checkpoints", "logging_steps", "threads", "nproc_per_node")
+# nproc_per_node and nnodes make the world size (every rank of every node), which the identity holds as such.
+NOT_IDENTITY = ("resume", "save_steps", "save_minutes", "keep_checkpoints", "logging_steps", "threads",
+                "nproc_per_node", "nnodes")
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 
