@@ -71,11 +71,19 @@ def answers_line(results: dict) -> str:
     return "answers equal, tunelab vs the bare script (create_chat_completion): " + ", ".join(parts)
 
 
+def probe_line(results: dict) -> str:
+    speed = results["tunelab"]["speed"].get("finetuned", {})
+    parts = [f"{quant} {timing.get('rows_together')} rows" for quant, timing in speed.items()]
+    return ("tunelab's evaluation, rows that took their greedy steps together (probe: logits bitwise equal to "
+            "a row alone): " + ", ".join(parts))
+
+
 def report(results: dict) -> str:
     machine = results.get("machine", {})
     head = (f"{results.get('shape', '?')} shape on {machine.get('gpu', '?')}, {machine.get('cpus', '?')} CPUs; "
             f"evaluation decoded on {results['tunelab']['decoding'].get('backend', '?')}")
-    parts = [head, "", *stage_table(results), "", *device_table(results), "", answers_line(results)]
+    parts = [head, "", *stage_table(results), "", *device_table(results), "", answers_line(results),
+             probe_line(results)]
     return "\n".join(parts)
 
 

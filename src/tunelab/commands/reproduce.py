@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Metrics that measure the machine, not the result.
 VOLATILE = ("train.runtime_s",)
+VOLATILE_PREFIXES = ("seconds.",)  # each stage's wall time: how long, not what came out
 VOLATILE_SUFFIXES = ("_tokens_per_s",)  # speed on a shared machine, not a result
 
 
@@ -99,7 +100,8 @@ def compare(original: dict, reproduced: dict) -> Tuple[list, List[str]]:
     """Rows (name, original, reproduced, same) for every metric and the adapter; the names that differ."""
     rows, differ = [], []
     names = sorted(name for name in set(original["metrics"]) | set(reproduced["metrics"])
-                   if name not in VOLATILE and not name.endswith(VOLATILE_SUFFIXES))
+                   if name not in VOLATILE and not name.endswith(VOLATILE_SUFFIXES)
+                   and not name.startswith(VOLATILE_PREFIXES))
     for name in names:
         a, b = original["metrics"].get(name), reproduced["metrics"].get(name)
         rows.append((name, a, b, a == b))
