@@ -138,7 +138,8 @@ def side_cpu(work: Path, quants, rows: int) -> dict:
     run_dir, results = work / "tunelab", {}
     for quant in quants:
         gguf = run_dir / "export" / f"model.{quant}.gguf"
-        for where, env, layers in (("gpu", {**os.environ, "TUNELAB_LLAMA_PROCESS": "inline"}, "all"),
+        # without a GPU (a check of this script) the first leg is the installed build with no layer offloaded
+        for where, env, layers in (("gpu", {**os.environ, "TUNELAB_LLAMA_PROCESS": "inline"}, "all" if cuda() else "0"),
                                    ("cpu", _env_with(cpu_site), "0")):
             out = work / f"eval-{quant}-{where}.json"
             run([*BARE, "tunelab-eval", run_dir, gguf, rows, layers, out], env=env)
