@@ -59,3 +59,10 @@ def hash_file(cfg, path: str, known: str) -> dict:
 
     keys = {row[0] for row in records.hashed()}
     return {"knew": known in keys, "sha256": records.sha256_file(Path(path))}
+
+
+def nested(cfg) -> dict:
+    """A call made inside the child: it runs there, in the same torch-free process."""
+    from tunelab import llama_process
+
+    return {"outer": os.getpid(), "inner": llama_process.call("llama_targets:probe", None)["pid"]}

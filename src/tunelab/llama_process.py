@@ -92,8 +92,10 @@ def call(target: str, cfg, **kwargs) -> Any:
 
 def _run_child(folder: Path) -> int:
     """The child's exit code; an interrupt here is passed on to it (SIGTERM) and waited for."""
-    proc = procs.child_popen([sys.executable, "-m", "tunelab.llama_process", str(folder)],
-                             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}, stdin=subprocess.DEVNULL)
+    # inline there: the child holds no torch, so its own calls (the offload question) need no further child
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", MODE_ENV: "inline"}
+    proc = procs.child_popen([sys.executable, "-m", "tunelab.llama_process", str(folder)], env=env,
+                             stdin=subprocess.DEVNULL)
     try:
         return proc.wait()
     except KeyboardInterrupt:

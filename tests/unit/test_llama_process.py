@@ -128,3 +128,8 @@ def test_hashes_cross_to_the_child_and_back_while_the_bytes_stay(child, tmp_path
     assert {row[0] for row in records.hashed()} == {str(known), str(made)}  # and the child's came back
     made.write_bytes(b"changed since")  # another size and mtime: the old hash no longer applies
     assert records.sha256_file(made) != seen["sha256"]
+
+
+def test_a_call_inside_the_child_runs_there(child):
+    seen = llama_process.call("llama_targets:nested", None)
+    assert seen["inner"] == seen["outer"] != os.getpid()
