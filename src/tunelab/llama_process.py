@@ -87,7 +87,7 @@ def call(target: str, cfg, **kwargs) -> Any:
                    "hashed": records.hashed()}  # what this run has hashed is not read again there, nor back here
         (Path(folder) / "request.json").write_text(json.dumps(request))
         code = _run_child(Path(folder))
-        return _outcome(Path(folder) / "result.json", code, target)
+        return _outcome(Path(folder) / "result.json", code, target, request["llama_log"])
 
 
 def _run_child(folder: Path) -> int:
@@ -113,7 +113,7 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def _outcome(result_file: Path, code: int, target: str) -> Any:
+def _outcome(result_file: Path, code: int, target: str, llama_log: str) -> Any:
     report = json.loads(result_file.read_text()) if result_file.is_file() else {}
     records.adopt_hashed(report.get("hashed", []))
     if code == 0 and "result" in report:
@@ -121,8 +121,7 @@ def _outcome(result_file: Path, code: int, target: str) -> Any:
     if "error" in report:
         raise _rebuilt(report["error"])
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    raise LlamaProcessFailed(f"llama.cpp's process ({target}) {how} without a report; llama.cpp's log: "
-                             f"{report.get('llama_log') or 'see above'}")
+    raise LlamaProcessFailed(f"llama.cpp's process ({target}) {how} without a report; llama.cpp's log: {llama_log}")
 
 
 def _rebuilt(error: Dict[str, Any]) -> BaseException:
@@ -173,7 +172,7 @@ def main(argv) -> int:
     except KeyboardInterrupt as interrupt:
         return runstate.exit_code(interrupt)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it again
-        _write(folder / "result.json", {"error": _describe(err), "llama_log": request["llama_log"]})
+        _write(folder / "result.json", {"error": _describe(err)})
         return 1
     _write(folder / "result.json", {"result": result, "hashed": records.hashed()})
     return 0

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT
 from tunelab import llama_process
+from tunelab.export.llama_cpp import llama_cpp_log
 from tunelab.config.errors import ConfigError
 from tunelab.templates.parity import ParityError
 
@@ -58,8 +59,9 @@ def test_an_unexpected_error_names_the_child_and_its_traceback(child):
 
 
 def test_a_crash_is_named_by_its_signal(child):
-    with pytest.raises(llama_process.LlamaProcessFailed, match="killed by SIGSEGV"):
+    with pytest.raises(llama_process.LlamaProcessFailed, match="killed by SIGSEGV") as err:
         llama_process.call("llama_targets:crash", None)
+    assert str(llama_cpp_log()) in str(err.value)  # where llama.cpp's own lines about it are
 
 
 def _wait_for(condition, what: str, limit_s: float = 120.0) -> None:
