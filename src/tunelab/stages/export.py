@@ -95,7 +95,7 @@ def _load_base(cfg, base_dir: Path, tokenizer):
     return model
 
 
-def _base_key(cfg, base_dir: Path, template, tokenizer) -> str:
+def _base_key(base_dir: Path, template, tokenizer) -> str:
     weights = folder_sha256(base_dir)  # the base model's bytes, not only its folder's name
     return hashlib.sha256(f"{weights}|{template.source}|{template.end_of_turn}|{len(tokenizer)}".encode()).hexdigest()[:10]
 
@@ -106,7 +106,7 @@ def base_plan(cfg, paths: RunPaths, base_dir: Path, template, tokenizer) -> Iter
     (cache_dir/base-gguf): {"out": the GGUF paths, "hf": None} when each file's bytes match the sha256
     recorded beside it, else the base written as an HF folder ("hf") in a scratch folder beside them,
     removed when the block ends (a killed or concurrent export never leaves half a file there)."""
-    out = {q: paths.base_gguf(f"{cfg.model.name}-{_base_key(cfg, base_dir, template, tokenizer)}", q)
+    out = {q: paths.base_gguf(f"{cfg.model.name}-{_base_key(base_dir, template, tokenizer)}", q)
            for q in cfg.quantization.types}
     plan = {"out": {q: str(p) for q, p in out.items()}, "hf": None}
     if all(_verified_base(p) for p in out.values()):
