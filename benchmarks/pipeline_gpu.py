@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,7 @@ def say(message: str) -> None:
     print(f"pipeline_gpu: {message}", file=sys.stderr, flush=True)
 
 
+@lru_cache(maxsize=None)
 def cuda() -> bool:
     return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
